@@ -1,0 +1,87 @@
+"""Fixed constants of the local test bed (SLURM + munge + loopback sshd).
+
+Other test modules and the broker's test fixtures import these names; keep them stable.
+Everything lives under ROOT so a system-wide SLURM/sshd is never touched: the daemons
+and every client get ``SLURM_CONF`` from the environment (see ``slurm_env``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+# --- layout -----------------------------------------------------------------------------
+ROOT = Path("/opt/sbroker-testbed")
+ETC = ROOT / "etc"            # world-readable: slurm.conf, sshd_config
+BIN = ROOT / "bin"            # world-readable: the apptainer stand-in is installed here
+IMAGES = ROOT / "images"      # world-readable: the test container image(s)
+STATE = ROOT / "state"        # slurmctld/slurmd state (traverse-only for users; see harness)
+LOG = ROOT / "log"            # root-only daemon logs
+RUN = ROOT / "run"            # root-only pid files of the daemons *we* started
+SSH_DIR = ROOT / "ssh"        # root-only: client key and sshd host keys
+
+APPTAINER_BIN_DIR = BIN
+
+# --- SLURM ------------------------------------------------------------------------------
+SLURM_CONF = ETC / "slurm.conf"
+CLUSTER_NAME = "sbtest"
+SLURMCTLD_PORT = 16817
+SLURMD_PORT = 16818
+PARTITION = "compute"
+NODE_CPUS = 64                # fake CPU slots (SlurmdParameters=config_overrides)
+NODE_MEMORY_MB = 20000
+DEF_MEM_PER_CPU_MB = 256
+
+# --- users ------------------------------------------------------------------------------
+USER_GROUP = "sbroker-users"
+ADMIN_GROUP = "sbroker-admins"
+USERS = ("sbalice", "sbbob")  # ordinary users: supplementary group USER_GROUP
+ADMIN = "sbadmin"             # group ADMIN_GROUP, NOT in USER_GROUP: gets a normal shell
+
+# --- ssh --------------------------------------------------------------------------------
+SSH_HOST = "127.0.0.1"
+SSH_PORT = 2822
+SSHD_CONFIG = ETC / "sshd_config"
+SSH_KEY = SSH_DIR / "id_ed25519"
+SSHD_LOG = LOG / "sshd.log"
+# Usable with ssh, scp and sftp alike (all as -o options).
+SSH_OPTS = [
+    "-o", f"Port={SSH_PORT}",
+    "-o", f"IdentityFile={SSH_KEY}",
+    "-o", "IdentitiesOnly=yes",
+    "-o", "StrictHostKeyChecking=no",
+    "-o", "UserKnownHostsFile=/dev/null",
+    "-o", "BatchMode=yes",
+    "-o", "LogLevel=ERROR",
+]
+
+# --- product ----------------------------------------------------------------------------
+VENV = Path("/opt/sbroker/venv")
+SBROKER_BIN = VENV / "bin" / "sbroker"
+FORCE_COMMAND = f"{SBROKER_BIN} login"
+BROKER_SOCKET = Path("/run/sbroker-test/broker.sock")
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def hostname() -> str:
+    """The short hostname; SlurmctldHost and NodeName must equal it."""
+    return socket.gethostname().split(".")[0]
+
+
+def slurm_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """An environment for SLURM clients/daemons that points at the test bed's slurm.conf."""
+    env = dict(os.environ if base is None else base)
+    env["SLURM_CONF"] = str(SLURM_CONF)
+    return env
+
+
+def ssh_command(user: str, *remote: str, tty: bool = False) -> list[str]:
+    """argv for ``ssh`` as USER to the loopback sshd (root's client key)."""
+    return ["ssh", *(["-tt"] if tty else []), *SSH_OPTS, f"{user}@{SSH_HOST}", *remote]
+
+
+def as_user(user: str, *argv: str) -> list[str]:
+    """argv to run ARGV as USER with the test bed's SLURM_CONF (for root-run tests)."""
+    return ["runuser", "-u", user, "--", "env", f"SLURM_CONF={SLURM_CONF}", *argv]

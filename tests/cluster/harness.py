@@ -1,0 +1,682 @@
+"""Bring the local test bed up and down: munge, slurmctld, slurmd and a loopback sshd.
+
+Runs as root. Everything is written under ``config.ROOT``; the system's own SLURM/sshd
+configuration is never touched. ``down`` only stops daemons whose pid files ``up`` wrote
+under ``config.RUN`` (and checks the process name before signalling, so a recycled pid is
+never hit). A munged that was already running is reused and never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import grp
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import config as C
+
+LOG_TAIL_LINES = 30
+APT_PACKAGES = [
+    "slurm-wlm", "munge", "openssh-server", "openssh-client", "openssh-sftp-server",
+    "bubblewrap", "tmux", "rsync", "procps", "iproute2", "util-linux",
+]
+# binary -> the Debian package that provides it (checked before `up` does anything)
+REQUIRED_BINARIES = {
+    "slurmctld": "slurmctld", "slurmd": "slurmd", "sbatch": "slurm-client",
+    "munged": "munge", "munge": "munge", "/usr/sbin/sshd": "openssh-server",
+    "ssh": "openssh-client", "bwrap": "bubblewrap", "runuser": "util-linux",
+}
+
+
+class HarnessError(RuntimeError):
+    """A step of the test bed failed; the message says which and why (with a log tail)."""
+
+    def __init__(self, message: str, log: Path | None = None):
+        if log is not None:
+            message += "\n" + log_tail(log)
+        super().__init__(message)
+
+
+def log(msg: str) -> None:
+    print(f"[testbed] {msg}", file=sys.stderr, flush=True)
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError as e:
+        return f"--- (no log at {path}: {e.strerror}) ---"
+    tail = "\n".join(text[-lines:])
+    return f"--- last {min(lines, len(text))} lines of {path} ---\n{tail}\n--- end of {path} ---"
+
+
+def run(argv: list[str], *, check: bool = True, env: dict | None = None, timeout: float = 60,
+        **kw) -> subprocess.CompletedProcess:
+    """Run a short command, capturing its output (text)."""
+    try:
+        p = subprocess.run(argv, env=env, timeout=timeout, text=True,
+                           stdin=subprocess.DEVNULL, capture_output=True, **kw)
+    except subprocess.TimeoutExpired:
+        raise HarnessError(f"`{' '.join(argv)}` did not finish within {timeout:.0f}s") from None
+    if check and p.returncode != 0:
+        raise HarnessError(f"`{' '.join(argv)}` failed (rc {p.returncode}):\n{p.stdout}{p.stderr}")
+    return p
+
+
+def write_if_changed(path: Path, text: str, mode: int) -> bool:
+    old = path.read_text() if path.exists() else None
+    if old != text:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.chmod(mode)
+        tmp.replace(path)
+    path.chmod(mode)
+    return old != text
+
+
+@contextlib.contextmanager
+def testbed_lock():
+    """Serialise up/down across processes (several engineers/pytest sessions share a machine)."""
+    C.RUN.mkdir(parents=True, exist_ok=True)
+    with open(C.RUN / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------------------
+# processes we started: pid files under RUN, checked against the expected process name
+# --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Daemon:
+    name: str          # also the expected /proc/PID/comm
+    pidfile: Path
+    logfile: Path
+
+    def pid(self) -> int | None:
+        """The pid from our pid file if that process is alive and is really NAME."""
+        try:
+            pid = int(self.pidfile.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid if proc_name(pid) == self.name else None
+
+
+MUNGED = Daemon("munged", C.RUN / "munged.pid", Path("/var/log/munge/munged.log"))
+SLURMCTLD = Daemon("slurmctld", C.RUN / "slurmctld.pid", C.LOG / "slurmctld.log")
+SLURMD = Daemon("slurmd", C.RUN / "slurmd.pid", C.LOG / "slurmd.log")
+SSHD = Daemon("sshd", C.RUN / "sshd.pid", C.SSHD_LOG)
+DAEMONS = (MUNGED, SLURMCTLD, SLURMD, SSHD)
+
+
+def proc_name(pid: int) -> str | None:
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    if stat.rsplit(")", 1)[1].split()[0] == "Z":   # a zombie is not a running daemon
+        return None
+    return comm
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d.name))
+    return out
+
+
+def our_slurmstepds() -> list[int]:
+    """slurmstepd processes forked by *our* slurmd (they inherit SLURM_CONF=our conf)."""
+    needle = f"SLURM_CONF={C.SLURM_CONF}".encode()
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and proc_name(int(d.name)) == "slurmstepd":
+            try:
+                if needle in (d / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+def wait_gone(pids: list[int], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [p for p in alive if proc_name(p) is not None]
+    return alive
+
+
+def terminate(pids: list[int], what: str, timeout: float = 10) -> None:
+    for p in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGTERM)
+    left = wait_gone(pids, timeout)
+    for p in left:
+        log(f"{what} pid {p} ignored SIGTERM for {timeout:.0f}s; sending SIGKILL")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+    if wait_gone(left, 5):
+        raise HarnessError(f"{what} {left} did not exit even after SIGKILL")
+
+
+def start_daemon(d: Daemon, argv: list[str], ready, what_ready: str, *, env=None,
+                 timeout: float = 30, pid_from: Path | None = None) -> int:
+    """Start a self-daemonising program, then wait (bounded) until READY() is true.
+
+    On failure raise HarnessError with the tail of the daemon's log."""
+    C.LOG.mkdir(parents=True, exist_ok=True)
+    out = C.LOG / f"{d.name}.stdout"
+    with open(out, "ab") as f:
+        f.write(f"\n=== {time.strftime('%F %T')} {' '.join(argv)}\n".encode())
+        f.flush()
+        p = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=f, stderr=f,
+                           start_new_session=True, timeout=60)
+    if p.returncode != 0:
+        raise HarnessError(f"{d.name} failed to start (rc {p.returncode}); its output:\n"
+                           + log_tail(out), d.logfile)
+    deadline = time.monotonic() + timeout
+    while True:
+        if pid_from is not None and pid_from.exists():   # copy a pid file we cannot place
+            with contextlib.suppress(OSError):
+                d.pidfile.write_text(pid_from.read_text())
+        pid = d.pid()
+        if pid is not None and ready():
+            log(f"{d.name} running, pid {pid}")
+            return pid
+        if time.monotonic() > deadline:
+            state = f"running as pid {pid} but not {what_ready}" if pid else "not running"
+            raise HarnessError(f"{d.name} did not come up within {timeout:.0f}s ({state});"
+                               f" output: {log_tail(out, 10)}", d.logfile)
+        time.sleep(0.2)
+
+
+# --------------------------------------------------------------------------------------
+# system prerequisites
+# --------------------------------------------------------------------------------------
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise HarnessError("the test bed needs root (it creates users and starts daemons)")
+
+
+def ensure_packages() -> None:
+    missing = sorted({pkg for b, pkg in REQUIRED_BINARIES.items()
+                      if not (Path(b).exists() if b.startswith("/") else shutil.which(b))})
+    if not missing:
+        return
+    log(f"installing missing Debian packages ({', '.join(missing)}) ...")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    run(["apt-get", "update"], env=env, timeout=600)
+    run(["apt-get", "install", "-y", "--no-install-recommends", *APT_PACKAGES], env=env,
+        timeout=1200)
+
+
+def ensure_hostname() -> None:
+    host = C.hostname()
+    try:
+        socket.gethostbyname(host)
+    except OSError:
+        log(f"hostname {host!r} does not resolve; adding '127.0.0.1 {host}' to /etc/hosts")
+        with open("/etc/hosts", "a") as f:
+            f.write(f"\n127.0.0.1 {host}\n")
+
+
+def ensure_dirs() -> None:
+    layout = {
+        C.ROOT: 0o755, C.ETC: 0o755, C.BIN: 0o755, C.IMAGES: 0o755,
+        # slurmstepd creates state/slurmd/job<N>/ for the job's group and the job's user
+        # must reach it, so state/ is traverse-only and the spool dir 0755 (like Debian's).
+        C.STATE: 0o711, C.STATE / "slurmctld": 0o700, C.STATE / "slurmd": 0o755,
+        C.LOG: 0o700, C.RUN: 0o700, C.SSH_DIR: 0o700,
+    }
+    for path, mode in layout.items():
+        path.mkdir(parents=True, exist_ok=True)
+        path.chmod(mode)
+    # privilege-separation dir of sshd; /run is a tmpfs
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+
+
+def ensure_groups_and_users() -> None:
+    for g in (C.USER_GROUP, C.ADMIN_GROUP):
+        try:
+            grp.getgrnam(g)
+        except KeyError:
+            run(["groupadd", g])
+    wanted = {u: C.USER_GROUP for u in C.USERS} | {C.ADMIN: C.ADMIN_GROUP}
+    for user, group in wanted.items():
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            # '*' (not '!'): no password login, but not "locked" for sshd either
+            run(["useradd", "--create-home", "--shell", "/bin/bash", "--password", "*",
+                 "--groups", group, user])
+        else:
+            run(["usermod", "--shell", "/bin/bash", "--password", "*", "-a", "-G", group, user])
+        other = C.ADMIN_GROUP if group == C.USER_GROUP else C.USER_GROUP
+        if user in grp.getgrnam(other).gr_mem:
+            run(["gpasswd", "-d", user, other])
+        pw = pwd.getpwnam(user)
+        home = Path(pw.pw_dir)
+        home.mkdir(exist_ok=True)
+        os.chown(home, pw.pw_uid, pw.pw_gid)
+        home.chmod(0o700)   # private; SLURM writes job output as the user, so this is fine
+
+
+def ensure_ssh_keys() -> None:
+    if not C.SSH_KEY.exists():
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "sbroker-testbed",
+             "-f", str(C.SSH_KEY)])
+    hostkey = C.SSH_DIR / "ssh_host_ed25519_key"
+    if not hostkey.exists():
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(hostkey)])
+    pub = C.SSH_KEY.with_suffix(".pub").read_text()
+    for user in (*C.USERS, C.ADMIN):
+        pw = pwd.getpwnam(user)
+        sshdir = Path(pw.pw_dir) / ".ssh"
+        sshdir.mkdir(mode=0o700, exist_ok=True)
+        os.chown(sshdir, pw.pw_uid, pw.pw_gid)
+        sshdir.chmod(0o700)
+        ak = sshdir / "authorized_keys"
+        lines = ak.read_text().splitlines(keepends=True) if ak.exists() else []
+        if pub not in lines:
+            with open(ak, "a") as f:
+                f.write(pub)
+        os.chown(ak, pw.pw_uid, pw.pw_gid)
+        ak.chmod(0o600)
+
+
+# --------------------------------------------------------------------------------------
+# config files
+# --------------------------------------------------------------------------------------
+
+def slurm_conf_text() -> str:
+    h = C.hostname()
+    return f"""\
+# Generated by tests/cluster (sbroker test bed); `python -m tests.cluster up` rewrites it.
+# Used only through SLURM_CONF={C.SLURM_CONF}; the system's /etc/slurm is untouched.
+ClusterName={C.CLUSTER_NAME}
+SlurmctldHost={h}
+SlurmctldPort={C.SLURMCTLD_PORT}
+SlurmdPort={C.SLURMD_PORT}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+MpiDefault=none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SwitchType=switch/none
+ReturnToService=2
+# lets the node claim more CPUs than the machine has (dozens of 1-CPU sessions on 2 cores)
+SlurmdParameters=config_overrides
+SlurmctldPidFile={SLURMCTLD.pidfile}
+SlurmdPidFile={SLURMD.pidfile}
+StateSaveLocation={C.STATE / "slurmctld"}
+SlurmdSpoolDir={C.STATE / "slurmd"}
+SlurmctldLogFile={SLURMCTLD.logfile}
+SlurmdLogFile={SLURMD.logfile}
+SchedulerType=sched/backfill
+# start batch jobs within ~1 s of submission (default batch_sched_delay=3)
+SchedulerParameters=batch_sched_delay=0,sched_min_interval=0
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+# required: without it every job takes all the node's memory and jobs run one at a time
+DefMemPerCPU={C.DEF_MEM_PER_CPU_MB}
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+KillWait=5
+MinJobAge=300
+NodeName={h} CPUs={C.NODE_CPUS} RealMemory={C.NODE_MEMORY_MB} State=UNKNOWN
+PartitionName={C.PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+"""
+
+
+def forcecommand_match_block(*, group: str = C.USER_GROUP, force_command: str = C.FORCE_COMMAND,
+                             socket_path: Path | str = C.BROKER_SOCKET,
+                             slurm_conf: Path | str = C.SLURM_CONF) -> str:
+    """The sshd ``Match`` block that sends members of GROUP into the broker.
+
+    The product's own version is ``session_scripts/sshd_config.snippet`` (owned by the lead);
+    this one is the test bed's. Note: a ``SetEnv`` inside a Match block *replaces* the global
+    ``SetEnv`` list for matching users, so SLURM_CONF is repeated here.
+    """
+    return f"""\
+Match Group {group}
+    ForceCommand {force_command}
+    SetEnv SBROKER_SOCKET={socket_path} SLURM_CONF={slurm_conf}
+    AllowTcpForwarding no
+    AllowStreamLocalForwarding no
+    AllowAgentForwarding no
+    X11Forwarding no
+    PermitTunnel no
+"""
+
+
+def sshd_config_text() -> str:
+    return f"""\
+# Generated by tests/cluster (sbroker test bed); `python -m tests.cluster up` rewrites it.
+Port {C.SSH_PORT}
+ListenAddress {C.SSH_HOST}
+HostKey {C.SSH_DIR / "ssh_host_ed25519_key"}
+PidFile {SSHD.pidfile}
+# VERBOSE logs "Starting session: forced-command (config) '...' for USER" (tests read it)
+LogLevel VERBOSE
+PermitRootLogin no
+PubkeyAuthentication yes
+AuthorizedKeysFile .ssh/authorized_keys
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM yes
+UseDNS no
+PrintMotd no
+X11Forwarding no
+AcceptEnv SBROKER_PROJECT LANG LC_*
+SetEnv SLURM_CONF={C.SLURM_CONF}
+# ForceCommand overrides subsystems for the Match group below anyway
+Subsystem sftp /usr/lib/openssh/sftp-server
+
+{forcecommand_match_block()}"""
+
+
+# --------------------------------------------------------------------------------------
+# daemons
+# --------------------------------------------------------------------------------------
+
+def munge_works() -> bool:
+    try:
+        m = subprocess.run(["munge", "-n"], capture_output=True, timeout=10)
+        if m.returncode != 0:
+            return False
+        u = subprocess.run(["unmunge"], input=m.stdout, capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return u.returncode == 0 and b"Success" in u.stdout
+
+
+def ensure_munge() -> None:
+    if munge_works():
+        if MUNGED.pid() is None:
+            MUNGED.pidfile.unlink(missing_ok=True)
+            log("munged: reusing the one already running (not ours; never stopped by down)")
+        return
+    key = Path("/etc/munge/munge.key")
+    if not key.exists() or key.stat().st_size == 0:
+        run(["mungekey", "-c", "-k", str(key)])
+    shutil.chown(key, "munge", "munge")
+    key.chmod(0o400)
+    for d, mode in ((Path("/run/munge"), 0o755), (Path("/var/log/munge"), 0o700),
+                    (Path("/var/lib/munge"), 0o700)):
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.chown(d, "munge", "munge")
+        d.chmod(mode)
+    # munged runs as user munge and cannot write into RUN (root-only): it keeps its own
+    # pid file and we copy the pid into RUN, which marks it as ours for `down`.
+    start_daemon(MUNGED, ["runuser", "-u", "munge", "--", "munged"], munge_works,
+                 "answering `munge -n | unmunge`", pid_from=Path("/run/munge/munged.pid"))
+
+
+def scontrol_ping() -> bool:
+    p = subprocess.run(["scontrol", "ping"], env=C.slurm_env(), capture_output=True, text=True,
+                       timeout=30)
+    return "is UP" in p.stdout
+
+
+def node_state() -> str:
+    p = subprocess.run(["sinfo", "-h", "-N", "-n", C.hostname(), "-o", "%T"],
+                       env=C.slurm_env(), capture_output=True, text=True, timeout=30)
+    return p.stdout.strip() if p.returncode == 0 else f"(sinfo failed: {p.stderr.strip()})"
+
+
+def node_reason() -> str:
+    p = subprocess.run(["sinfo", "-h", "-N", "-n", C.hostname(), "-o", "%E"],
+                       env=C.slurm_env(), capture_output=True, text=True, timeout=30)
+    return p.stdout.strip()
+
+
+def wait_node_ready(timeout: float = 60) -> str:
+    """Wait until the node answers and is schedulable; resume it once if drained/down."""
+    deadline = time.monotonic() + timeout
+    resumed = False
+    state = ""
+    while time.monotonic() < deadline:
+        state = node_state()
+        base = state.rstrip("*~#!%$@^-+")
+        if state in ("idle", "mixed", "allocated", "completing"):
+            return state
+        if not state.endswith("*") and base in ("drained", "draining", "down", "inval") \
+                and not resumed:
+            log(f"node is {state} ({node_reason()}) from an earlier run; resuming it")
+            subprocess.run(["scontrol", "update", f"nodename={C.hostname()}", "state=resume"],
+                           env=C.slurm_env(), capture_output=True, timeout=30)
+            resumed = True
+        time.sleep(0.25)
+    raise HarnessError(
+        f"node {C.hostname()} did not become idle within {timeout:.0f}s: sinfo says"
+        f" {state!r}, reason {node_reason()!r}", SLURMD.logfile)
+
+
+def ensure_slurm(conf_changed: bool) -> None:
+    if conf_changed and (SLURMCTLD.pid() or SLURMD.pid()):
+        log("slurm.conf changed: restarting slurmctld and slurmd")
+        stop_slurm(cancel_jobs=False)
+    env = C.slurm_env()
+    if SLURMCTLD.pid() is None:
+        start_daemon(SLURMCTLD, ["slurmctld"], scontrol_ping, "answering `scontrol ping`",
+                     env=env)
+    if SLURMD.pid() is None:
+        start_daemon(SLURMD, ["slurmd"], lambda: not node_state().endswith("*")
+                     and not node_state().startswith("("), "registered with slurmctld",
+                     env=env)
+    state = wait_node_ready()
+    log(f"node {C.hostname()} is {state}")
+
+
+def sshd_answers() -> bool:
+    try:
+        with socket.create_connection((C.SSH_HOST, C.SSH_PORT), timeout=2) as s:
+            s.settimeout(2)
+            return s.recv(64).startswith(b"SSH-2.0-")
+    except OSError:
+        return False
+
+
+def ensure_sshd(conf_changed: bool) -> None:
+    t = run(["/usr/sbin/sshd", "-t", "-f", str(C.SSHD_CONFIG)], check=False)
+    if t.returncode != 0:
+        raise HarnessError(f"sshd rejects {C.SSHD_CONFIG}:\n{t.stdout}{t.stderr}")
+    pid = SSHD.pid()
+    if pid is not None and conf_changed:
+        log("sshd_config changed: SIGHUP to sshd")
+        os.kill(pid, signal.SIGHUP)
+        time.sleep(0.5)   # it re-execs itself; the pid stays the same
+    if SSHD.pid() is None:
+        start_daemon(SSHD, ["/usr/sbin/sshd", "-f", str(C.SSHD_CONFIG), "-E", str(C.SSHD_LOG)],
+                     sshd_answers, f"answering on {C.SSH_HOST}:{C.SSH_PORT}", timeout=15)
+    elif not _wait(sshd_answers, 10):
+        raise HarnessError(f"sshd (pid {SSHD.pid()}) does not answer on port {C.SSH_PORT}",
+                           C.SSHD_LOG)
+
+
+def _wait(pred, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+# --------------------------------------------------------------------------------------
+# product + apptainer stand-in
+# --------------------------------------------------------------------------------------
+
+_COPY_IGNORE = shutil.ignore_patterns(".git", "tests", "build", "dist", "*.egg-info",
+                                      "__pycache__", ".pytest_cache", ".hypothesis", ".venv")
+
+
+def install_product() -> None:
+    """(Re)install the working tree into VENV so sshd's ForceCommand runs current code.
+
+    Built from a copy of the tree so no build/ or *.egg-info lands in the shared checkout."""
+    pip = C.VENV / "bin" / "pip"
+    if not pip.exists():
+        log(f"{C.VENV} missing: creating it from /usr/bin/python3 (normally `make install`)")
+        run(["/usr/bin/python3", "-m", "venv", str(C.VENV)], timeout=300)
+        run([str(pip), "install", "-q", "--upgrade", "pip", "setuptools>=68", "wheel"],
+            timeout=600)
+        deps = True
+    else:
+        deps = False
+    with tempfile.TemporaryDirectory(prefix="sbroker-build-") as tmp:
+        src = Path(tmp) / "src"
+        shutil.copytree(C.REPO, src, ignore=_COPY_IGNORE)
+        argv = [str(pip), "install", "-q", "--no-build-isolation", "--force-reinstall"]
+        if not deps:
+            argv.append("--no-deps")
+        t0 = time.monotonic()
+        run([*argv, str(src)], timeout=600)
+        log(f"installed the working tree into {C.VENV} ({time.monotonic() - t0:.1f}s)")
+
+
+def real_apptainer() -> str | None:
+    """A real apptainer on PATH (our own BIN, where the stand-in lives, does not count)."""
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                           if p and Path(p).resolve() != C.BIN.resolve())
+    return shutil.which("apptainer", path=path)
+
+
+def install_standin() -> None:
+    try:
+        from tests import standin
+    except ImportError as e:
+        raise HarnessError(f"tests/standin (the apptainer stand-in) cannot be imported: {e}")
+    missing = [f for f in ("install", "build_test_image") if not hasattr(standin, f)]
+    if missing:
+        raise HarnessError("tests/standin/__init__.py does not provide "
+                           f"{' and '.join(missing)}(dest_dir) yet; the test bed needs them")
+    real = real_apptainer()
+    if real:
+        log(f"real apptainer at {real}: not installing the stand-in")
+    else:
+        standin.install(C.BIN)
+    standin.build_test_image(C.IMAGES)
+
+
+# --------------------------------------------------------------------------------------
+# up / down / status
+# --------------------------------------------------------------------------------------
+
+def up(*, reinstall: bool = True) -> None:
+    require_root()
+    t0 = time.monotonic()
+    ensure_packages()
+    with testbed_lock():
+        ensure_hostname()
+        ensure_dirs()
+        slurm_changed = write_if_changed(C.SLURM_CONF, slurm_conf_text(), 0o644)
+        ensure_groups_and_users()
+        ensure_ssh_keys()
+        sshd_changed = write_if_changed(C.SSHD_CONFIG, sshd_config_text(), 0o644)
+        if reinstall:
+            install_product()
+        ensure_munge()
+        ensure_slurm(slurm_changed)
+        ensure_sshd(sshd_changed)
+        install_standin()   # last: the daemons are up even if the stand-in is broken
+    log(f"test bed up ({time.monotonic() - t0:.1f}s)")
+
+
+def cancel_all_jobs(timeout: float = 20) -> None:
+    env = C.slurm_env()
+    p = subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True,
+                       timeout=30)
+    ids = p.stdout.split()
+    if p.returncode == 0 and ids:
+        log(f"cancelling {len(ids)} job(s)")
+        subprocess.run(["scancel", *ids], env=env, capture_output=True, timeout=30)
+        _wait(lambda: not subprocess.run(["squeue", "-h", "-t", "PD,R,CG,S", "-o", "%i"],
+                                         env=env, capture_output=True, text=True,
+                                         timeout=30).stdout.strip(), timeout)
+
+
+def stop_slurm(*, cancel_jobs: bool = True) -> None:
+    if cancel_jobs and SLURMCTLD.pid() is not None:
+        cancel_all_jobs()
+    for d in (SLURMD, SLURMCTLD):
+        pid = d.pid()
+        if pid is not None:
+            terminate([pid], d.name)
+            log(f"stopped {d.name} (pid {pid})")
+        d.pidfile.unlink(missing_ok=True)
+    if cancel_jobs:
+        stepds = our_slurmstepds()
+        if stepds:
+            log(f"stopping {len(stepds)} leftover slurmstepd process(es) of our slurmd")
+            terminate(stepds, "slurmstepd", timeout=5)
+
+
+def down() -> None:
+    require_root()
+    with testbed_lock():
+        pid = SSHD.pid()
+        if pid is not None:
+            sessions = children_of(pid)
+            terminate([pid], "sshd")
+            if sessions:
+                terminate([p for p in sessions if proc_name(p)], "sshd sessions", timeout=5)
+            log(f"stopped sshd (pid {pid})")
+        SSHD.pidfile.unlink(missing_ok=True)
+        stop_slurm()
+        pid = MUNGED.pid()
+        if pid is not None:
+            terminate([pid], "munged")
+            log(f"stopped munged (pid {pid}), which up had started")
+        else:
+            log("munged: not ours, left alone" if munge_works() else "munged: not running")
+        MUNGED.pidfile.unlink(missing_ok=True)
+    log("test bed down")
+
+
+def status() -> int:
+    """Print each daemon and the sinfo line; return 0 if everything is up, else 1."""
+    ok = True
+    for d in DAEMONS:
+        pid = d.pid()
+        if d is MUNGED and pid is None and munge_works():
+            print(f"{d.name:10} running (system's, reused; not stopped by down)")
+            continue
+        ok &= pid is not None
+        print(f"{d.name:10} " + (f"running, pid {pid}" if pid else "not running"))
+    if SLURMCTLD.pid():
+        p = subprocess.run(["sinfo", "-h", "-o", "%P %a %l %D %T %N %C"], env=C.slurm_env(),
+                           capture_output=True, text=True, timeout=30)
+        print(f"sinfo      {(p.stdout or p.stderr).strip()}")
+    print(f"ssh        ssh {' '.join(C.SSH_OPTS)} {C.ADMIN}@{C.SSH_HOST}"
+          + ("" if sshd_answers() else "   (sshd not answering)"))
+    print(f"SLURM_CONF {C.SLURM_CONF}")
+    return 0 if ok else 1
+

@@ -1,0 +1,171 @@
+"""The test bed itself, on the real cluster: jobs as test users, srun --pty into a job,
+ssh through the loopback sshd, and the harness's idempotency."""
+
+from __future__ import annotations
+
+import pwd
+import re
+import subprocess
+import sys
+import time
+import uuid
+
+import pexpect
+import pytest
+
+from tests.cluster import config as C
+from tests.cluster import harness
+
+pytestmark = pytest.mark.cluster
+
+ALICE, BOB = C.USERS
+
+
+def home(user: str) -> str:
+    return pwd.getpwnam(user).pw_dir
+
+
+def run_as(user: str, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(C.as_user(user, *argv), cwd=home(user), capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def wait_for(pred, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last: {value!r})")
+        time.sleep(interval)
+
+
+def submit(user: str, *args: str) -> str:
+    p = run_as(user, "sbatch", "--parsable", *args)
+    assert p.returncode == 0, p.stderr
+    return p.stdout.strip().split(";")[0]
+
+
+def states(*jobids: str) -> dict[str, str]:
+    p = subprocess.run(["squeue", "-h", "-j", ",".join(jobids), "-o", "%i %T"],
+                       env=C.slurm_env(), capture_output=True, text=True, timeout=30)
+    return dict(line.split() for line in p.stdout.splitlines() if line.strip())
+
+
+def scancel(*jobids: str) -> None:
+    subprocess.run(["scancel", *jobids], env=C.slurm_env(), capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def alice_job():
+    """A running batch job of sbalice (submitted from her home), cancelled afterwards."""
+    job = submit(ALICE, "-J", "tb-alice", "-t", "10", "--wrap", "sleep 600")
+    wait_for(lambda: states(job).get(job) == "RUNNING", 20, f"job {job} RUNNING")
+    yield job
+    scancel(job)
+
+
+def test_node_is_up_with_64_slots():
+    p = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %P %C %m"], env=C.slurm_env(),
+                       capture_output=True, text=True, timeout=30)
+    node, part, cpus, mem = p.stdout.split()
+    assert node == C.hostname() and part == f"{C.PARTITION}*"
+    assert cpus.split("/")[-1] == str(C.NODE_CPUS)
+    assert int(mem) == C.NODE_MEMORY_MB
+
+
+def test_batch_output_lands_in_users_home():
+    tag = uuid.uuid4().hex[:8]
+    job = submit(ALICE, "--wrap", f"echo out-{tag} $(id -un)")
+    out = f"{home(ALICE)}/slurm-{job}.out"
+
+    def done():
+        try:
+            return open(out).read()
+        except OSError:
+            return ""
+    wait_for(lambda: f"out-{tag}" in done(), 20, f"{out} to be written")
+    assert done().split() == [f"out-{tag}", ALICE]
+
+
+def test_srun_pty_into_running_job(alice_job):
+    assert run_as(ALICE, "squeue", "-h", "-j", alice_job, "-o", "%u %T").stdout.split() \
+        == [ALICE, "RUNNING"]
+    child = pexpect.spawn(
+        "runuser", ["-u", ALICE, "--", "env", f"SLURM_CONF={C.SLURM_CONF}", "TERM=xterm",
+                    "PS1=tb$ ", "srun", "--overlap", "--pty", f"--jobid={alice_job}",
+                    "bash", "--norc", "--noprofile", "-i"],
+        cwd=home(ALICE), dimensions=(37, 123), encoding="utf-8", timeout=20)
+    try:
+        child.expect_exact("tb$ ")
+        child.sendline('echo "who=$(id -un) size=$(stty size) job=$SLURM_JOB_ID"')
+        child.expect(r"who=(\S+) size=(\d+ \d+) job=(\d+)")
+        assert child.match.groups() == (ALICE, "37 123", alice_job)
+        child.expect_exact("tb$ ")
+        child.sendline("exit 7")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 7, child.before
+
+
+def test_other_user_cannot_srun_into_job(alice_job):
+    p = run_as(BOB, "srun", "--overlap", f"--jobid={alice_job}", "true")
+    assert p.returncode != 0
+    assert "Access/permission denied" in p.stderr
+
+
+def test_scancel_ends_job(alice_job):
+    p = run_as(ALICE, "scancel", alice_job)
+    assert p.returncode == 0, p.stderr
+    wait_for(lambda: states(alice_job).get(alice_job, "gone") not in ("RUNNING", "COMPLETING"),
+             20, f"job {alice_job} to end")
+
+
+def test_twenty_one_cpu_jobs_run_at_once():
+    name = f"tb-many-{uuid.uuid4().hex[:6]}"
+    jobs = [submit(BOB, "-J", name, "-n1", "-c1", "-t", "5", "--wrap", "sleep 300")
+            for _ in range(20)]
+    try:
+        wait_for(lambda: list(states(*jobs).values()).count("RUNNING") == 20, 30,
+                 "20 jobs RUNNING at the same time")
+    finally:
+        scancel(*jobs)
+
+
+def sshd_log_after(offset: int) -> str:
+    with open(C.SSHD_LOG, "rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace").replace("\r", "")
+
+
+def test_ssh_admin_gets_a_plain_shell():
+    p = subprocess.run(C.ssh_command(C.ADMIN, 'id -un; sinfo -h -o %P; exit 3'),
+                       capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert p.returncode == 3, p.stderr
+    assert p.stdout.split() == [C.ADMIN, f"{C.PARTITION}*"]
+
+
+def test_ssh_user_hits_forcecommand():
+    offset = C.SSHD_LOG.stat().st_size
+    p = subprocess.run(C.ssh_command(ALICE, "echo", "hello"), capture_output=True, text=True,
+                       timeout=60, stdin=subprocess.DEVNULL)
+    expected = f"Starting session: forced-command (config) '{C.FORCE_COMMAND}' for {ALICE}"
+    wait_for(lambda: expected in sshd_log_after(offset), 10,
+             f"sshd.log to show {expected!r} (ssh rc {p.returncode}, stderr {p.stderr!r})")
+
+
+def test_harness_up_is_idempotent():
+    before = {d.name: d.pid() for d in harness.DAEMONS}
+    p = subprocess.run([sys.executable, "-m", "tests.cluster", "up", "--no-reinstall"],
+                       cwd=C.REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert {d.name: d.pid() for d in harness.DAEMONS} == before
+    s = subprocess.run([sys.executable, "-m", "tests.cluster", "status"], cwd=C.REPO,
+                       capture_output=True, text=True, timeout=60)
+    assert s.returncode == 0, s.stdout + s.stderr
+    for name in ("slurmctld", "slurmd", "sshd"):
+        assert re.search(rf"^{name}\s+running, pid {before[name]}$", s.stdout, re.M), s.stdout
+    assert re.search(rf"^sinfo\s+{C.PARTITION}\* up infinite 1 \w+ {C.hostname()}", s.stdout,
+                     re.M), s.stdout
