@@ -188,16 +188,25 @@ def start_daemon(d: Daemon, argv: list[str], ready, what_ready: str, *, env=None
 
     On failure raise HarnessError with the tail of the daemon's log."""
     C.LOG.mkdir(parents=True, exist_ok=True)
-    out = C.LOG / f"{d.name}.stdout"
+    out = C.LOG / f"{d.name}.stdout"    # what the program prints before it daemonises
     with open(out, "ab") as f:
-        f.write(f"\n=== {time.strftime('%F %T')} {' '.join(argv)}\n".encode())
+        f.write(f"=== {time.strftime('%F %T')} {' '.join(argv)}\n".encode())
         f.flush()
+        offset = f.tell()
         p = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=f, stderr=f,
                            start_new_session=True, timeout=60)
+
+    def printed() -> str:
+        with open(out, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace").strip()
+        return f"it printed:\n{text}\n" if text else "it printed nothing.\n"
+
     if p.returncode != 0:
-        raise HarnessError(f"{d.name} failed to start (rc {p.returncode}); its output:\n"
-                           + log_tail(out), d.logfile)
-    deadline = time.monotonic() + timeout
+        raise HarnessError(f"{d.name} failed to start (`{' '.join(argv)}` exited"
+                           f" {p.returncode}); {printed()}", d.logfile)
+    t0 = time.monotonic()
+    seen = None
     while True:
         if pid_from is not None and pid_from.exists():   # copy a pid file we cannot place
             with contextlib.suppress(OSError):
@@ -206,10 +215,17 @@ def start_daemon(d: Daemon, argv: list[str], ready, what_ready: str, *, env=None
         if pid is not None and ready():
             log(f"{d.name} running, pid {pid}")
             return pid
-        if time.monotonic() > deadline:
-            state = f"running as pid {pid} but not {what_ready}" if pid else "not running"
-            raise HarnessError(f"{d.name} did not come up within {timeout:.0f}s ({state});"
-                               f" output: {log_tail(out, 10)}", d.logfile)
+        seen = seen or pid
+        waited = time.monotonic() - t0
+        if seen and pid is None:
+            raise HarnessError(f"{d.name} (pid {seen}) exited right after starting; "
+                               + printed(), d.logfile)
+        if pid is None and waited > min(10, timeout):
+            raise HarnessError(f"{d.name} did not start: no live process in {d.pidfile}"
+                               f" after {waited:.0f}s; " + printed(), d.logfile)
+        if waited > timeout:
+            raise HarnessError(f"{d.name} (pid {pid}) did not get {what_ready} within"
+                               f" {timeout:.0f}s; " + printed(), d.logfile)
         time.sleep(0.2)
 
 
@@ -350,6 +366,7 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 KillWait=5
 MinJobAge=300
+MailProg=/bin/true
 NodeName={h} CPUs={C.NODE_CPUS} RealMemory={C.NODE_MEMORY_MB} State=UNKNOWN
 PartitionName={C.PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 """
