@@ -1,0 +1,99 @@
+"""The ``sbroker`` command.
+
+``sbroker login`` is dispatched before anything else is imported: it is on every
+SSH login's critical path. Every other subcommand imports what it needs lazily.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["login"]:
+        from .login import main as login_main
+
+        return login_main(args[1:])
+    return _full(args)
+
+
+def _full(args: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="sbroker", description="Personal container shells inside SLURM allocations, by plain ssh.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    sub.add_parser("login", help="sshd ForceCommand entry: connect this SSH login to its session")
+    serve = sub.add_parser("serve", help="run the broker daemon (root)")
+    serve.add_argument("--config", help="config file (default $SBROKER_CONFIG or /etc/sbroker/broker.toml)")
+    check = sub.add_parser("check-config", help="validate the config file and exit")
+    check.add_argument("--config")
+
+    ls = sub.add_parser("ls", help="list live sessions (admins: all; users: their own)")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    show = sub.add_parser("show", help="everything known about one session")
+    show.add_argument("session", help="session id, user/project, or your own project")
+    show.add_argument("--json", action="store_true")
+    kill = sub.add_parser("kill", help="end a session: cancel its job and stop its instance")
+    kill.add_argument("session")
+    kill.add_argument("--reason", default="", help="recorded in the audit log")
+    kill.add_argument("--json", action="store_true")
+    logs = sub.add_parser("logs", help="the session job's start-script log")
+    logs.add_argument("session")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until the session ends")
+    events = sub.add_parser("events", help="the audit log (admins: all; users: their own)")
+    events.add_argument("--since", default="0", help="unix time, or a duration like 10m, 2h, 1d ago")
+    events.add_argument("-f", "--follow", action="store_true")
+    events.add_argument("--json", action="store_true")
+    attach = sub.add_parser("attach", help="attach this terminal to a session's shell")
+    attach.add_argument("session")
+    attach.add_argument("--observe", action="store_true", help="read-only: watch without typing")
+
+    try:
+        from .container.cli import register
+    except ImportError:  # the toolkit CLI is optional at import time only while it is being built
+        register = None
+    if register is not None:
+        register(sub)
+
+    ns = parser.parse_args(args)
+    if ns.command == "login":
+        from .login import main as login_main
+
+        return login_main([])
+    if ns.command in ("serve", "check-config"):
+        return _serve(ns)
+    if ns.command in ("ls", "show", "kill", "logs", "events", "attach"):
+        from . import admin
+
+        return admin.run(ns)
+    handler = getattr(ns, "handler", None)
+    if handler is None:
+        parser.error(f"{ns.command}: missing subcommand")
+    return int(handler(ns) or 0)
+
+
+def _serve(ns: object) -> int:
+    from .config import ConfigError, load
+
+    try:
+        config = load(getattr(ns, "config", None))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"sbroker: config: {problem}", file=sys.stderr)
+        return 2
+    if getattr(ns, "command") == "check-config":
+        print("config ok")
+        return 0
+    import asyncio
+
+    from .daemon import serve
+
+    asyncio.run(serve(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""A small blocking client for the broker socket (standard library + protocol only).
+
+Used by ``sbroker login`` on every SSH login and by the admin commands. It knows
+nothing about identity: the daemon takes that from the socket.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from . import protocol as p
+
+
+class BrokerError(Exception):
+    """The broker answered with an error, or could not be reached."""
+
+    def __init__(self, message: str, code: str = "error", field: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.field = field
+
+
+def socket_path() -> str:
+    return os.environ.get("SBROKER_SOCKET") or p.DEFAULT_SOCKET
+
+
+class Client:
+    def __init__(self, path: str | None = None, timeout: float | None = None) -> None:
+        self.path = path or socket_path()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(self.path)
+        except OSError as exc:
+            self.sock.close()
+            raise BrokerError(f"broker not reachable at {self.path}: {exc.strerror or exc}",
+                              code="unreachable") from None
+        self._buf = bytearray()
+        self._pending: list[tuple[bytes, bytes]] = []
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.sock.sendall(p.encode_json(message))
+
+    def send_data(self, data: bytes) -> None:
+        for start in range(0, len(data), p.MAX_DATA):
+            self.sock.sendall(p.encode(p.KIND_INPUT, data[start:start + p.MAX_DATA]))
+
+    def feed(self, data: bytes) -> list[tuple[bytes, bytes]]:
+        """Add received bytes; return the frames they complete."""
+        self._buf += data
+        out = []
+        while len(self._buf) >= p.HEADER.size:
+            kind, length = p.parse_header(bytes(self._buf[:p.HEADER.size]))
+            end = p.HEADER.size + length
+            if len(self._buf) < end:
+                break
+            out.append((kind, bytes(self._buf[p.HEADER.size:end])))
+            del self._buf[:end]
+        return out
+
+    def recv_frame(self) -> tuple[bytes, bytes]:
+        while not self._pending:
+            chunk = self.sock.recv(1 << 16)
+            if not chunk:
+                raise BrokerError("broker closed the connection", code="closed")
+            self._pending.extend(self.feed(chunk))
+        return self._pending.pop(0)
+
+    def recv(self) -> dict[str, Any]:
+        kind, payload = self.recv_frame()
+        if kind != p.KIND_JSON:
+            raise BrokerError("unexpected data frame from broker", code="protocol")
+        return p.decode_json(payload)
+
+    def request(self, op: str, on_progress: Callable[[dict[str, Any]], None] | None = None,
+                **fields: Any) -> dict[str, Any]:
+        """Send one request; hand progress events to ``on_progress``; return the result."""
+        self.send({"v": p.VERSION, "op": op, **fields})
+        while True:
+            message = self.recv()
+            kind = message.get("type")
+            if kind == "progress":
+                if on_progress:
+                    on_progress(message)
+                continue
+            if kind == "error":
+                raise BrokerError(str(message.get("message", "error")), str(message.get("code", "error")),
+                                  str(message.get("field", "")))
+            return message
+
+
+def call(op: str, **fields: Any) -> dict[str, Any]:
+    """One request on a fresh connection."""
+    with Client() as client:
+        return client.request(op, **fields)

@@ -1,0 +1,260 @@
+"""Broker configuration: ``/etc/sbroker/broker.toml`` (or ``$SBROKER_CONFIG``).
+
+Configuration is plain data, validated once at start. Every bad field is reported
+as one line naming the field and the rule, all of them at once, so an admin fixes a
+file in one round instead of one error per restart.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PATH = "/etc/sbroker/broker.toml"
+
+_TIME_RE = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_SAFE_PATH_RE = re.compile(r"^/[A-Za-z0-9._/{}@+-]*$")
+
+
+class ConfigError(Exception):
+    """One or more invalid fields; ``problems`` holds one line per field."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Mount:
+    host_path: str
+    container_path: str
+    mode: str = "ro"
+
+
+@dataclass(frozen=True)
+class DevRepo:
+    name: str
+    host_path: str
+
+
+@dataclass(frozen=True)
+class Config:
+    """Validated broker settings. Field names mirror the TOML keys (``section_key``)."""
+
+    socket: str = "/run/sbroker/broker.sock"
+    state_dir: Path = Path("/var/lib/sbroker")
+    admin_group: str = "sbroker-admins"
+    log_level: str = "info"
+    metrics_socket: str = ""
+
+    partition: str = "compute"
+    time_limit: str = "8:00:00"
+    cpus: int = 4
+    memory_gb: int = 16
+    slurm_conf: str = ""
+    path: str = "/usr/local/bin:/usr/bin:/bin"
+    poll_interval: float = 5.0
+    command_timeout: float = 30.0
+    gone_grace: float = 10.0
+
+    image: str = ""
+    user_dir: str = "/home/{user}"
+    project_dir: str = "/home/{user}/proj/{project}"
+    create_project_dir: bool = True
+    default_project: str = "default"
+    project_pattern: str = r"^[a-z0-9][a-z0-9_-]{0,31}$"
+    projects: tuple[str, ...] = ()
+    dev_repos: tuple[DevRepo, ...] = ()
+    host_mounts: tuple[Mount, ...] = ()
+    texlive_prefix: str = ""
+
+    pending_timeout: float = 900.0
+    start_timeout: float = 120.0
+    detach_grace: float = 600.0
+    idle_timeout: float = 0.0
+    walltime_warnings: tuple[int, ...] = (1800, 300)
+    scrollback_bytes: int = 64 * 1024
+
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+# (section, key, attribute, kind, check) — one table drives loading and validation.
+_FIELDS: list[tuple[str, str, str, str]] = [
+    ("broker", "socket", "socket", "abspath"),
+    ("broker", "state_dir", "state_dir", "abspath"),
+    ("broker", "admin_group", "admin_group", "name"),
+    ("broker", "log_level", "log_level", "loglevel"),
+    ("broker", "metrics_socket", "metrics_socket", "abspath_or_empty"),
+    ("slurm", "partition", "partition", "name"),
+    ("slurm", "time_limit", "time_limit", "slurmtime"),
+    ("slurm", "cpus", "cpus", "int:1:4096"),
+    ("slurm", "memory_gb", "memory_gb", "int:1:65536"),
+    ("slurm", "slurm_conf", "slurm_conf", "abspath_or_empty"),
+    ("slurm", "path", "path", "pathlist"),
+    ("slurm", "poll_interval", "poll_interval", "float:0.2:600"),
+    ("slurm", "command_timeout", "command_timeout", "float:1:600"),
+    ("slurm", "gone_grace", "gone_grace", "float:0:3600"),
+    ("container", "image", "image", "abspath"),
+    ("container", "user_dir", "user_dir", "template"),
+    ("container", "project_dir", "project_dir", "template"),
+    ("container", "create_project_dir", "create_project_dir", "bool"),
+    ("container", "default_project", "default_project", "name"),
+    ("container", "project_pattern", "project_pattern", "regex"),
+    ("container", "projects", "projects", "namelist"),
+    ("container", "dev_repos", "dev_repos", "devrepos"),
+    ("container", "host_mounts", "host_mounts", "mounts"),
+    ("container", "texlive_prefix", "texlive_prefix", "abspath_or_empty"),
+    ("timeouts", "pending", "pending_timeout", "float:1:604800"),
+    ("timeouts", "start", "start_timeout", "float:1:3600"),
+    ("timeouts", "detach_grace", "detach_grace", "float:0:604800"),
+    ("timeouts", "idle", "idle_timeout", "float:0:604800"),
+    ("timeouts", "walltime_warnings", "walltime_warnings", "intlist"),
+    ("timeouts", "scrollback_bytes", "scrollback_bytes", "int:0:16777216"),
+]
+
+
+def _check(kind: str, value: Any) -> tuple[Any, str | None]:
+    """Convert and check one value; return ``(value, rule_broken_or_None)``."""
+    if kind.startswith(("int:", "float:")):
+        typ, low, high = kind.split(":")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return value, f"must be a number between {low} and {high}"
+        if typ == "int" and not isinstance(value, int):
+            return value, f"must be an integer between {low} and {high}"
+        if not float(low) <= value <= float(high):
+            return value, f"must be between {low} and {high} (got {value})"
+        return (int(value) if typ == "int" else float(value)), None
+    if kind == "bool":
+        return value, None if isinstance(value, bool) else "must be true or false"
+    if kind == "intlist":
+        if not isinstance(value, list) or not all(isinstance(v, int) and v > 0 for v in value):
+            return value, "must be a list of positive integers (seconds)"
+        return tuple(sorted(value, reverse=True)), None
+    if not isinstance(value, (str, list)):
+        return value, "has the wrong type"
+    if kind == "namelist":
+        if not isinstance(value, list) or not all(isinstance(v, str) and _NAME_RE.match(v) for v in value):
+            return value, f"must be a list of names matching {_NAME_RE.pattern}"
+        return tuple(value), None
+    if kind == "devrepos":
+        return _check_devrepos(value)
+    if kind == "mounts":
+        return _check_mounts(value)
+    if not isinstance(value, str):
+        return value, "must be a string"
+    if kind == "abspath":
+        return (Path(value) if value.startswith("/") else value), (
+            None if value.startswith("/") and _SAFE_PATH_RE.match(value) and ".." not in value.split("/")
+            else "must be an absolute path of [A-Za-z0-9._/@+-] without '..'")
+    if kind == "abspath_or_empty":
+        return value, (None if value == "" else _check("abspath", value)[1])
+    if kind == "name":
+        return value, None if _NAME_RE.match(value) else f"must match {_NAME_RE.pattern}"
+    if kind == "loglevel":
+        ok = value in ("debug", "info", "warning", "error")
+        return value, None if ok else "must be one of debug, info, warning, error"
+    if kind == "slurmtime":
+        return value, None if _TIME_RE.match(value) else "must be a SLURM time like 8:00:00 or 1-00:00:00"
+    if kind == "pathlist":
+        parts = value.split(":")
+        ok = all(p.startswith("/") and _SAFE_PATH_RE.match(p) for p in parts)
+        return value, None if ok else "must be ':'-separated absolute directories"
+    if kind == "template":
+        if not _SAFE_PATH_RE.match(value) or ".." in value.split("/"):
+            return value, "must be an absolute path template using {user} and {project} only"
+        try:
+            value.format(user="u", project="p")
+        except (KeyError, IndexError, ValueError):
+            return value, "may only use the placeholders {user} and {project}"
+        return value, None
+    if kind == "regex":
+        try:
+            re.compile(value)
+        except re.error as exc:
+            return value, f"must be a valid regular expression ({exc})"
+        return value, None
+    raise AssertionError(kind)
+
+
+def _check_devrepos(value: Any) -> tuple[Any, str | None]:
+    rule = "must be a list of {name, host_path} tables with a simple name and an absolute path"
+    if not isinstance(value, list):
+        return value, rule
+    repos = []
+    for item in value:
+        if not isinstance(item, dict) or set(item) != {"name", "host_path"}:
+            return value, rule
+        name, host = item["name"], item["host_path"]
+        if not (isinstance(name, str) and _NAME_RE.match(name)):
+            return value, rule
+        if _check("abspath", host)[1] is not None:
+            return value, rule
+        repos.append(DevRepo(name, host))
+    return tuple(repos), None
+
+
+def _check_mounts(value: Any) -> tuple[Any, str | None]:
+    rule = "must be a list of {host_path, container_path, mode} tables (absolute paths, mode ro|rw)"
+    if not isinstance(value, list):
+        return value, rule
+    mounts = []
+    for item in value:
+        if not isinstance(item, dict) or not {"host_path", "container_path"} <= set(item):
+            return value, rule
+        mode = item.get("mode", "ro")
+        if mode not in ("ro", "rw") or set(item) - {"host_path", "container_path", "mode"}:
+            return value, rule
+        for key in ("host_path", "container_path"):
+            if _check("abspath", item[key])[1] is not None:
+                return value, rule
+        mounts.append(Mount(item["host_path"], item["container_path"], mode))
+    return tuple(mounts), None
+
+
+def parse(data: dict[str, Any]) -> Config:
+    """Build a :class:`Config` from parsed TOML, or raise :class:`ConfigError`."""
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    known: dict[str, set[str]] = {}
+    for section, key, attr, kind in _FIELDS:
+        known.setdefault(section, set()).add(key)
+        table = data.get(section, {})
+        if not isinstance(table, dict) or key not in table:
+            continue
+        value, problem = _check(kind, table[key])
+        if problem:
+            problems.append(f"{section}.{key}: {problem}")
+        else:
+            values[attr] = value
+    for section, table in data.items():
+        if section not in known:
+            problems.append(f"{section}: unknown section (known: {', '.join(sorted(known))})")
+        elif isinstance(table, dict):
+            for key in table:
+                if key not in known[section]:
+                    problems.append(f"{section}.{key}: unknown key")
+        else:
+            problems.append(f"{section}: must be a table")
+    if "image" not in values and not problems:
+        problems.append("container.image: is required (an image file, sandbox dir or current link)")
+    if problems:
+        raise ConfigError(problems)
+    return Config(**values)
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load and validate the config file (``$SBROKER_CONFIG`` or the default path)."""
+    path = Path(path or os.environ.get("SBROKER_CONFIG") or DEFAULT_PATH)
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError([f"config: file {path} does not exist"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"config: {path} is not valid TOML ({exc})"]) from None
+    return parse(data)

@@ -1,0 +1,82 @@
+"""``sbroker serve``: wire config, SLURM runner, store, manager and socket together."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+from . import log as _log
+from .audit import Audit
+from .config import Config
+from .manager import Manager
+from .sdnotify import Notifier
+from .server import Server
+from .slurm.runner import Runner
+from .store import Store
+
+
+def prepare_state_dir(state_dir: Path) -> None:
+    """Root-owned and traverse-only: jobs append to their own logs below it by name."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(state_dir, 0o711)
+
+
+async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
+    _log.configure(config.log_level)
+    log = _log.get("sbroker.daemon")
+    prepare_state_dir(config.state_dir)
+    runner = Runner(path=config.path, slurm_conf=config.slurm_conf, timeout=config.command_timeout)
+    store = Store(config.state_dir / "sessions.db")
+    audit = Audit(config.state_dir / "audit.jsonl")
+    manager = Manager(config, runner, store, audit)
+    server = Server(manager, config.socket)
+    extensions = _load_extensions(manager, server)
+    notifier = Notifier()
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await manager.start()
+    await server.start()
+    poller = asyncio.ensure_future(manager.run_poller())
+    watchdog = asyncio.ensure_future(_watchdog(notifier, manager)) if notifier.watchdog_interval else None
+    log.info("serving", socket=config.socket, state_dir=str(config.state_dir), live=len(manager.by_key))
+    notifier.notify(READY="1", STATUS=f"serving {len(manager.by_key)} sessions")
+    try:
+        await stop.wait()
+    finally:
+        notifier.notify(STOPPING="1")
+        log.info("stopping")
+        for task in (poller, watchdog):
+            if task:
+                task.cancel()
+        for ext in extensions:
+            await ext.close()
+        await server.close()
+        await manager.close()
+        store.close()
+
+
+async def _watchdog(notifier: Notifier, manager: Manager) -> None:
+    """Ping only while the poller is alive: a wedged loop stops the pings and systemd restarts us."""
+    assert notifier.watchdog_interval
+    while True:
+        notifier.notify(WATCHDOG="1", STATUS=f"{len(manager.by_key)} live sessions, "
+                        f"controller {'ok' if manager.controller_ok else 'unavailable'}")
+        await asyncio.sleep(notifier.watchdog_interval)
+
+
+def _load_extensions(manager: Manager, server: Server) -> list:
+    """Attach the terminal hub and the operations plane (policies, metrics)."""
+    extensions = []
+    from .attach import AttachHub
+
+    extensions.append(AttachHub(manager, server))
+    try:
+        from .ops import Operations
+    except ImportError:
+        return extensions
+    extensions.append(Operations(manager, server))
+    return extensions

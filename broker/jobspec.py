@@ -1,0 +1,83 @@
+"""What to submit for a session: names, paths, start script and ``sbatch`` argv.
+
+Pure: everything is computed from server-side config and the peer's identity, and
+nothing is written or run here. The script and argv come from the toolkit builders
+in :mod:`broker.container.apptainer`; this module only adds the broker's own
+tags and places the files.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config
+from .container import _validate as v
+from .container.apptainer import build_instance_start_script, build_sbatch_command
+from .identity import User
+from .slurm.parse import format_comment
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    instance: str
+    script: str
+    script_path: Path
+    log_path: Path
+    sbatch_argv: list[str]
+    host_user_dir: str
+    host_project_dir: str
+
+
+def check_project(config: Config, project: str) -> str:
+    """Apply the allowed-projects rule; raise ``ValueError`` naming the field and rule."""
+    import re
+
+    v.validate_slug(project, "project")
+    if config.projects:
+        if project not in config.projects:
+            raise ValueError(f"project: must be one of {', '.join(config.projects)} (got {project!r})")
+    elif not re.fullmatch(config.project_pattern, project):
+        raise ValueError(f"project: must match {config.project_pattern} (got {project!r})")
+    return project
+
+
+def instance_name(user: str, project: str, token: str | None = None) -> str:
+    """Unique per submission, so a stale instance never blocks a new one (B5)."""
+    token = token or secrets.token_hex(3)
+    return v.validate_instance_name(f"sb-{user}-{project}-{token}"[:64])
+
+
+def jobs_dir(config: Config, user: str) -> Path:
+    return config.state_dir / "jobs" / v.validate_username(user)
+
+
+def build(config: Config, user: User, project: str, image: str, image_digest: str,
+          token: str | None = None) -> JobSpec:
+    username = v.validate_username(user.name)
+    check_project(config, project)
+    instance = instance_name(username, project, token)
+    host_user_dir = config.user_dir.format(user=username, project=project)
+    host_project_dir = config.project_dir.format(user=username, project=project)
+    script = build_instance_start_script(
+        image, username, Path(host_user_dir), Path(host_project_dir), project, instance,
+        dev_repos=[{"name": r.name, "host_path": r.host_path} for r in config.dev_repos] or None,
+        host_mounts=[{"host_path": m.host_path, "container_path": m.container_path, "mode": m.mode}
+                     for m in config.host_mounts] or None,
+        texlive_prefix=config.texlive_prefix,
+    )
+    script_path = jobs_dir(config, username) / f"{instance}.sh"
+    argv = build_sbatch_command(
+        instance, str(script_path), slurm_partition=config.partition, slurm_time_limit=config.time_limit,
+        slurm_cpus=config.cpus, slurm_memory_gb=config.memory_gb)
+    log_flag = next(a for a in argv if a.startswith("--output="))
+    log_path = Path(log_flag.split("=", 1)[1])
+    digest = image_digest.split(":")[-1][:16]
+    comment = format_comment({"user": username, "project": project, "instance": instance,
+                              "digest": digest})
+    # The script goes to sbatch on stdin: the file on disk is the broker's record
+    # (root-only), so there is no window in which anyone could swap it.
+    extra = [f"--comment={comment}", f"--chdir={user.home}", "--open-mode=append", "--export=ALL"]
+    sbatch_argv = [*argv[:-1], *extra]
+    return JobSpec(instance, script, script_path, log_path, sbatch_argv, host_user_dir, host_project_dir)

@@ -1,0 +1,117 @@
+"""``sbroker login``: sshd's ForceCommand. Find or create the session, then connect.
+
+This runs on every SSH login, so it imports only the standard library,
+:mod:`broker.protocol` and :mod:`broker.client` (and :mod:`broker.term` for
+interactive shells). Routing:
+
+* no ``SSH_ORIGINAL_COMMAND`` → an interactive login shell in the instance,
+  pty-bridged through the broker (detach/reattach survive dropped connections);
+* a command (``ssh host cmd``, scp, sftp, rsync, editors' remote servers) → the
+  broker returns the exact ``srun --overlap ... apptainer exec instance://...``
+  argv and environment, and this process execs it: the streams are the SSH
+  channel itself, binary-safe, and the exit status is the command's.
+
+The project comes from ``SBROKER_PROJECT`` (``AcceptEnv``), or a leading
+``@project`` word in the command, else the broker's default.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from .client import BrokerError, Client
+
+_SPIN = "|/-\\"
+
+
+class Progress:
+    """Waiting feedback: a spinner line on a terminal, plain lines otherwise."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.last = ""
+        self.ticks = 0
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        state = event.get("state", "")
+        text = state
+        if event.get("pending_reason") and state in ("pending", "submitted"):
+            text += f" (reason: {event['pending_reason']}"
+            if event.get("expected_start") not in (None, "", "N/A", "Unknown"):
+                text += f", expected start {event['expected_start']}"
+            text += ")"
+        elif event.get("reason") and state not in ("ready",):
+            text += f": {event['reason']}"
+        if text == self.last and not self.tty:
+            return
+        self.last = text
+        if self.tty:
+            self.ticks += 1
+            self.stream.write(f"\r\033[K{_SPIN[self.ticks % 4]} sbroker: {text}")
+        else:
+            self.stream.write(f"sbroker: {text}\n")
+        self.stream.flush()
+
+    def done(self) -> None:
+        if self.tty and self.last:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
+def split_project(command: str | None, env_project: str | None) -> tuple[str | None, str | None]:
+    """``(project, command)`` from ``@project rest`` or the environment."""
+    project = env_project or None
+    if command is not None:
+        stripped = command.lstrip()
+        if stripped.startswith("@"):
+            word, _, rest = stripped.partition(" ")
+            project = word[1:] or project
+            command = rest.strip() or None
+    return project, command
+
+
+def main(argv: list[str] | None = None) -> int:
+    command = os.environ.get("SSH_ORIGINAL_COMMAND")
+    project, command = split_project(command, os.environ.get("SBROKER_PROJECT"))
+    has_tty = os.isatty(0) and os.isatty(1)
+    progress = Progress(sys.stderr)
+    fields: dict[str, Any] = {"project": project}
+    if command is not None:
+        fields.update(command=command, tty=has_tty, term=os.environ.get("TERM", "")[:64])
+    try:
+        with Client() as client:
+            result = client.request("ensure", on_progress=progress, **fields)
+    except BrokerError as exc:
+        progress.done()
+        sys.stderr.write(f"sbroker: {exc.message}\n")
+        return 1
+    progress.done()
+    session = result["session"]
+    if command is not None:
+        spec = result["exec"]
+        argv0 = _which(spec["argv"][0], spec["env"].get("PATH", "/usr/bin:/bin"))
+        try:
+            os.execve(argv0, spec["argv"], spec["env"])
+        except OSError as exc:
+            sys.stderr.write(f"sbroker: cannot run {spec['argv'][0]}: {exc.strerror}\n")
+            return 127
+    from . import term
+
+    try:
+        return term.attach(session["id"])
+    except BrokerError as exc:
+        sys.stderr.write(f"sbroker: {exc.message}\n")
+        return 1
+
+
+def _which(name: str, path: str) -> str:
+    if "/" in name:
+        return name
+    for directory in path.split(":"):
+        candidate = os.path.join(directory, name)
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return name

@@ -1,0 +1,135 @@
+"""Wire protocol between ``sbroker`` clients and the broker daemon.
+
+One module, standard library only: ``sbroker login`` imports it on every SSH login,
+so it must stay cheap (see ``docs/benchmarks.md``).
+
+Framing
+-------
+Every frame is ``kind (1 byte) | length (4 bytes, big endian) | payload``.
+
+=====  ==============================================================
+kind   payload
+=====  ==============================================================
+``J``  one JSON object (UTF-8), a request, reply, event or control message
+``O``  terminal output bytes, daemon → client (raw, never decoded)
+``I``  terminal input bytes, client → daemon (raw, never decoded)
+=====  ==============================================================
+
+Terminal bytes are never decoded on the way through, so a UTF-8 sequence split
+across two reads arrives intact at the other end; binary is binary.
+
+Requests carry ``{"v": VERSION, "op": ...}``. They never name the user they act
+for: the daemon takes identity from ``SO_PEERCRED``. Replies are JSON frames with a
+``type`` of ``progress``, ``result``, ``error`` or, while attached, ``attached``,
+``exit`` and ``notice``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+VERSION = 1
+
+KIND_JSON = b"J"
+KIND_OUTPUT = b"O"
+KIND_INPUT = b"I"
+KINDS = frozenset((KIND_JSON, KIND_OUTPUT, KIND_INPUT))
+
+HEADER = struct.Struct(">cI")
+#: JSON messages are small; anything bigger is a broken or hostile client.
+MAX_JSON = 64 * 1024
+#: Terminal chunks: bounded so one frame never pins much memory.
+MAX_DATA = 64 * 1024
+
+#: Operations a client may request, and whether each needs the admin group for
+#: sessions it does not own (ownership is checked in the daemon, not here).
+OPS = frozenset(
+    ("ensure", "attach", "list", "show", "kill", "logs", "events", "ping")
+)
+
+DEFAULT_SOCKET = "/run/sbroker/broker.sock"
+
+
+class ProtocolError(Exception):
+    """A frame or message that breaks the protocol; ``field`` names what was wrong."""
+
+    def __init__(self, field: str, rule: str) -> None:
+        super().__init__(f"{field}: {rule}")
+        self.field = field
+        self.rule = rule
+
+
+def encode(kind: bytes, payload: bytes) -> bytes:
+    """Frame ``payload`` as one ``kind`` frame."""
+    limit = MAX_JSON if kind == KIND_JSON else MAX_DATA
+    if len(payload) > limit:
+        raise ProtocolError("frame", f"payload of {len(payload)} bytes exceeds {limit}")
+    return HEADER.pack(kind, len(payload)) + payload
+
+
+def encode_json(message: dict[str, Any]) -> bytes:
+    """Frame one JSON message (compact, UTF-8)."""
+    return encode(KIND_JSON, json.dumps(message, separators=(",", ":")).encode())
+
+
+def parse_header(header: bytes) -> tuple[bytes, int]:
+    """Validate a 5-byte header and return ``(kind, length)``."""
+    kind, length = HEADER.unpack(header)
+    if kind not in KINDS:
+        raise ProtocolError("frame", f"unknown frame kind {kind!r}")
+    limit = MAX_JSON if kind == KIND_JSON else MAX_DATA
+    if length > limit:
+        raise ProtocolError("frame", f"length {length} exceeds {limit} for kind {kind.decode()}")
+    return kind, length
+
+
+def decode_json(payload: bytes) -> dict[str, Any]:
+    """Decode a JSON frame payload into a dict, or raise :class:`ProtocolError`."""
+    try:
+        message = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError("frame", f"payload is not UTF-8 JSON ({exc.__class__.__name__})") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("frame", "payload must be a JSON object")
+    return message
+
+
+def check_request(message: dict[str, Any]) -> str:
+    """Check the envelope of a client request and return its ``op``."""
+    version = message.get("v")
+    if version != VERSION:
+        raise ProtocolError("v", f"protocol version must be {VERSION} (got {version!r})")
+    op = message.get("op")
+    if op not in OPS:
+        raise ProtocolError("op", f"must be one of {', '.join(sorted(OPS))} (got {str(op)[:40]!r})")
+    return op
+
+
+def get_str(message: dict[str, Any], field: str, *, default: str | None = None,
+            max_len: int = 256) -> str | None:
+    """Return an optional string field, enforcing type and length."""
+    value = message.get(field, default)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ProtocolError(field, "must be a string")
+    if len(value) > max_len:
+        raise ProtocolError(field, f"must be at most {max_len} characters")
+    return value
+
+
+def get_int(message: dict[str, Any], field: str, *, default: int, low: int, high: int) -> int:
+    """Return an integer field within ``[low, high]``."""
+    value = message.get(field, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(field, "must be an integer")
+    if not low <= value <= high:
+        raise ProtocolError(field, f"must be between {low} and {high} (got {value})")
+    return value
+
+
+def error(field: str, rule: str, *, code: str = "invalid") -> dict[str, Any]:
+    """An error reply: one clear line naming the field and the rule."""
+    return {"type": "error", "code": code, "field": field, "message": f"{field}: {rule}"}

@@ -1,0 +1,267 @@
+"""The daemon's Unix socket: identity from ``SO_PEERCRED``, one handler per operation.
+
+Every connection gets the peer's uid from the kernel; nothing in a message can
+change who the peer is. Admin rights come from membership of the configured group.
+A bad frame or request gets one error reply naming the field and the rule, is
+logged, and never affects other clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from . import log as _log
+from . import protocol as p
+from .identity import User, UnknownUser, in_group, lookup_uid, peer_uid
+from .manager import Manager, SessionError
+from .session import Session, State
+from .shells import command_argv, safe_term
+
+FIRST_REQUEST_TIMEOUT = 30.0
+LOG_TAIL_MAX = 256 * 1024
+
+
+class Connection:
+    """One client connection: framed reads and writes with the peer's identity."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, user: User,
+                 admin: bool, pid: int) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.user = user
+        self.admin = admin
+        self.pid = pid
+
+    async def read_frame(self) -> tuple[bytes, bytes]:
+        header = await self.reader.readexactly(p.HEADER.size)
+        kind, length = p.parse_header(header)
+        payload = await self.reader.readexactly(length) if length else b""
+        return kind, payload
+
+    async def read_json(self) -> dict[str, Any]:
+        kind, payload = await self.read_frame()
+        if kind != p.KIND_JSON:
+            raise p.ProtocolError("frame", "expected a JSON frame")
+        return p.decode_json(payload)
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self.writer.write(p.encode_json(message))
+        await self.writer.drain()
+
+    async def send_error(self, field: str, rule: str, code: str = "invalid") -> None:
+        await self.send(p.error(field, rule, code=code))
+
+
+Handler = Callable[[Connection, dict[str, Any]], Awaitable[None]]
+
+
+class Server:
+    def __init__(self, manager: Manager, socket_path: str) -> None:
+        self.manager = manager
+        self.config = manager.config
+        self.socket_path = socket_path
+        self.log = _log.get("sbroker.server")
+        self.handlers: dict[str, Handler] = {
+            "ensure": self.op_ensure, "list": self.op_list, "show": self.op_show, "kill": self.op_kill,
+            "logs": self.op_logs, "events": self.op_events, "ping": self.op_ping,
+        }
+        self.server: asyncio.base_events.Server | None = None
+        self.connections = 0
+
+    async def start(self) -> None:
+        path = Path(self.socket_path)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        if path.is_socket() or path.exists():
+            path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o111)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o666)  # any local user may connect; identity comes from SO_PEERCRED
+        self.server = await asyncio.start_unix_server(self._handle, sock=sock, limit=p.MAX_JSON * 2)
+
+    async def close(self) -> None:
+        if self.server:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        sock = writer.get_extra_info("socket")
+        try:
+            pid, uid, _gid = peer_uid(sock)
+            try:
+                user = lookup_uid(uid)
+            except UnknownUser as exc:
+                writer.write(p.encode_json(p.error("peer", str(exc), code="unknown_user")))
+                await writer.drain()
+                return
+            conn = Connection(reader, writer, user, in_group(user, self.config.admin_group), pid)
+            await self._serve(conn)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except Exception:  # a bug must not take the daemon down; log it with the traceback
+            self.log.exception("connection_error")
+        finally:
+            self.connections -= 1
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except (ConnectionError, OSError):
+                pass
+
+    async def _serve(self, conn: Connection) -> None:
+        try:
+            message = await asyncio.wait_for(conn.read_json(), FIRST_REQUEST_TIMEOUT)
+            op = p.check_request(message)
+        except asyncio.TimeoutError:
+            await conn.send_error("request", f"none received within {FIRST_REQUEST_TIMEOUT:g}s", "timeout")
+            return
+        except p.ProtocolError as exc:
+            self.log.warning("bad_request", uid=conn.user.uid, user=conn.user.name, field=exc.field, rule=exc.rule)
+            await conn.send_error(exc.field, exc.rule)
+            return
+        handler = self.handlers.get(op)
+        if handler is None:
+            await conn.send_error("op", f"{op} is not available on this broker", "unsupported")
+            return
+        try:
+            await handler(conn, message)
+        except p.ProtocolError as exc:
+            self.log.warning("bad_request", uid=conn.user.uid, op=op, field=exc.field, rule=exc.rule)
+            await conn.send_error(exc.field, exc.rule)
+        except SessionError as exc:
+            await conn.send({"type": "error", "code": exc.code, "field": "session", "message": exc.message})
+        except ValueError as exc:
+            field = str(exc).split(":", 1)[0] if ":" in str(exc) else "request"
+            await conn.send({"type": "error", "code": "invalid", "field": field, "message": str(exc)})
+
+    # ------------------------------------------------------------------ operations
+
+    def project_of(self, message: dict[str, Any]) -> str:
+        project = p.get_str(message, "project", max_len=64)
+        return project or self.config.default_project
+
+    async def op_ping(self, conn: Connection, message: dict[str, Any]) -> None:
+        await conn.send({"type": "result", "user": conn.user.name, "admin": conn.admin, "version": p.VERSION})
+
+    async def op_ensure(self, conn: Connection, message: dict[str, Any]) -> None:
+        project = self.project_of(message)
+        command = p.get_str(message, "command", max_len=128 * 1024)
+        tty = message.get("tty", False)
+        if not isinstance(tty, bool):
+            raise p.ProtocolError("tty", "must be true or false")
+        term = p.get_str(message, "term", default="", max_len=64) or ""
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        task = asyncio.ensure_future(self.manager.ensure(conn.user, project, queue.put_nowait))
+        try:
+            while not task.done():
+                getter = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    await conn.send(getter.result())
+                else:
+                    getter.cancel()
+            while not queue.empty():
+                await conn.send(queue.get_nowait())
+            session = task.result()
+        finally:
+            if not task.done():
+                task.cancel()  # the creation itself is shielded in the manager and goes on
+        reply: dict[str, Any] = {"type": "result", "session": self.describe(session, conn)}
+        if command is not None:
+            argv = command_argv(session.job_id, session.instance, session.user, session.project, command,
+                                tty=tty, term=term)
+            reply["exec"] = {"argv": argv, "env": self.manager.runner.env(conn.user, {"TERM": safe_term(term)})}
+        await conn.send(reply)
+
+    async def op_list(self, conn: Connection, message: dict[str, Any]) -> None:
+        sessions = self.manager.visible(conn.user, conn.admin)
+        await conn.send({"type": "result", "sessions": [self.describe(s, conn) for s in sessions]})
+
+    async def op_show(self, conn: Connection, message: dict[str, Any]) -> None:
+        session = self.manager.resolve(self.ref_of(message), conn.user, conn.admin)
+        data = self.describe(session, conn, full=True)
+        data["log_tail"] = read_tail(session.log_path, 4096).decode(errors="replace")
+        await conn.send({"type": "result", "session": data})
+
+    async def op_kill(self, conn: Connection, message: dict[str, Any]) -> None:
+        session = self.manager.resolve(self.ref_of(message), conn.user, conn.admin)
+        reason = p.get_str(message, "reason", default="", max_len=200) or ""
+        await self.manager.kill(session, by=conn.user.name, by_uid=conn.user.uid, reason=reason)
+        await conn.send({"type": "result", "session": self.describe(session, conn)})
+
+    async def op_logs(self, conn: Connection, message: dict[str, Any]) -> None:
+        session = self.manager.resolve(self.ref_of(message), conn.user, conn.admin)
+        offset = p.get_int(message, "offset", default=-1, low=-1, high=1 << 40)
+        data, end = read_from(session.log_path, offset, LOG_TAIL_MAX)
+        await conn.send({"type": "result", "data": data.decode(errors="replace"), "offset": end,
+                         "state": session.state.value})
+
+    async def op_events(self, conn: Connection, message: dict[str, Any]) -> None:
+        since = message.get("since", 0)
+        if isinstance(since, bool) or not isinstance(since, (int, float)) or since < 0:
+            raise p.ProtocolError("since", "must be a non-negative number (unix time)")
+        limit = p.get_int(message, "limit", default=1000, low=1, high=10000)
+        users = None if conn.admin else {conn.user.name}
+        entries = self.manager.audit.read(since=float(since), limit=limit, users=users)
+        await conn.send({"type": "result", "events": entries})
+
+    def ref_of(self, message: dict[str, Any]) -> str:
+        ref = p.get_str(message, "session", max_len=160)
+        if not ref:
+            raise p.ProtocolError("session", "is required (a session id, user/project or project)")
+        return ref
+
+    def describe(self, session: Session, conn: Connection, full: bool = False) -> dict[str, Any]:
+        now = time.time()
+        data = {
+            "id": session.id, "user": session.user, "project": session.project, "state": session.state.value,
+            "reason": session.reason, "job_id": session.job_id, "node": session.node,
+            "instance": session.instance, "image": session.image, "image_digest": session.image_digest,
+            "pending_reason": session.pending_reason, "expected_start": session.expected_start,
+            "time_left": session.time_left, "age": round(now - session.created, 1),
+            "idle": round(now - session.last_activity, 1),
+        }
+        extra = getattr(self, "describe_extra", None)
+        if extra:
+            data.update(extra(session))
+        if full:
+            data.update(created=session.created, submitted_at=session.submitted_at,
+                        ready_at=session.ready_at, ended_at=session.ended_at,
+                        log_path=session.log_path, script_path=session.script_path)
+        return data
+
+
+def read_tail(path: str, size: int) -> bytes:
+    data, _ = read_from(path, -1, size)
+    return data
+
+
+def read_from(path: str, offset: int, size: int) -> tuple[bytes, int]:
+    """Read a job log without following links; ``offset=-1`` means the last ``size`` bytes."""
+    if not path:
+        return b"", 0
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return b"", 0
+    try:
+        end = os.fstat(fd).st_size
+        start = max(0, end - size) if offset < 0 else min(offset, end)
+        os.lseek(fd, start, os.SEEK_SET)
+        data = os.read(fd, min(size, end - start))
+        return data, start + len(data)
+    finally:
+        os.close(fd)
+
+
+__all__ = ["Connection", "Server", "State"]

@@ -1,0 +1,61 @@
+"""Pure argv builders for getting into a ready session's instance.
+
+Both paths are ``srun --overlap --jobid=J apptainer exec ... instance://NAME``; the
+interactive one adds ``--pty`` and a login shell that starts in the project dir,
+a command runs as ``/bin/bash -c COMMAND`` in the home dir (what sshd does). The
+command is one argv element: it reaches a shell only inside the container, never
+on the host, so quotes, ``$()`` and newlines mean exactly what the user typed.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .container._validate import validate_instance_name, validate_job_id, validate_slug, validate_username
+from .container.apptainer._builders import SHELL_ENTRY_SNIPPET
+
+CONTAINER_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
+_TERM_RE = re.compile(r"^[A-Za-z0-9._+-]{1,64}$")
+#: sshd's built-in SFTP server has no binary; run the real one inside the container.
+SFTP_SERVER = "/usr/lib/openssh/sftp-server"
+
+
+def safe_term(term: str | None) -> str:
+    return term if term and _TERM_RE.match(term) else "xterm-256color"
+
+
+def _identity(user: str, project: str, term: str) -> list[str]:
+    user = validate_username(user)
+    project = validate_slug(project, "project")
+    pairs = (f"TERM={safe_term(term)}", f"USER={user}", f"LOGNAME={user}", f"HOME=/home/{user}",
+             "SHELL=/bin/bash", f"PATH={CONTAINER_PATH}", f"SCITEX_USER={user}", f"SCITEX_PROJECT={project}",
+             f"SBROKER_PROJECT={project}")
+    out: list[str] = []
+    for pair in pairs:
+        out += ["--env", pair]
+    return out
+
+
+def shell_argv(job_id: str, instance: str, user: str, project: str, term: str | None) -> list[str]:
+    """Interactive login shell under ``srun --pty`` (the broker owns the local pty)."""
+    return ["srun", "--overlap", "--pty", "--quiet", f"--jobid={validate_job_id(job_id)}",
+            "apptainer", "exec", *_identity(user, project, term or ""),
+            f"instance://{validate_instance_name(instance)}", "/bin/bash", "-c", SHELL_ENTRY_SNIPPET]
+
+
+def command_argv(job_id: str, instance: str, user: str, project: str, command: str, *,
+                 tty: bool, term: str | None) -> list[str]:
+    """``ssh host CMD``: CMD in the instance, streams and exit status passed through."""
+    if "\0" in command:
+        raise ValueError("command: must not contain NUL bytes")
+    if len(command) > 128 * 1024:
+        raise ValueError("command: must be at most 131072 characters")
+    words = command.split()
+    if words[:1] in (["internal-sftp"], [SFTP_SERVER]):
+        inner = [SFTP_SERVER, *words[1:]]
+    else:
+        inner = ["/bin/bash", "-c", command]
+    return ["srun", "--overlap", *(["--pty"] if tty else []), "--quiet", f"--jobid={validate_job_id(job_id)}",
+            "apptainer", "exec", *_identity(user, project, term or ""),
+            "--pwd", f"/home/{validate_username(user)}",
+            f"instance://{validate_instance_name(instance)}", *inner]
