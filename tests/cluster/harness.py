@@ -579,28 +579,30 @@ def install_product() -> None:
         log(f"installed the working tree into {C.VENV} ({time.monotonic() - t0:.1f}s)")
 
 
-def real_apptainer() -> str | None:
-    """A real apptainer on PATH (our own BIN, where the stand-in lives, does not count)."""
-    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
-                           if p and Path(p).resolve() != C.BIN.resolve())
-    return shutil.which("apptainer", path=path)
-
-
 def install_standin() -> None:
+    """Install the apptainer stand-in into BIN (unless a real apptainer is on PATH) and
+    build the test image into IMAGES. Both come from tests/standin (its own module)."""
     try:
         from tests import standin
     except ImportError as e:
         raise HarnessError(f"tests/standin (the apptainer stand-in) cannot be imported: {e}")
-    missing = [f for f in ("install", "build_test_image") if not hasattr(standin, f)]
+    missing = [f for f in ("install", "build_test_image", "real_apptainer")
+               if not hasattr(standin, f)]
     if missing:
         raise HarnessError("tests/standin/__init__.py does not provide "
-                           f"{' and '.join(missing)}(dest_dir) yet; the test bed needs them")
-    real = real_apptainer()
+                           f"{', '.join(missing)} (needed by the test bed)")
+    real = standin.real_apptainer()
     if real:
         log(f"real apptainer at {real}: not installing the stand-in")
     else:
         standin.install(C.BIN)
-    standin.build_test_image(C.IMAGES)
+    t0 = time.monotonic()
+    try:
+        sif = standin.build_test_image(C.IMAGES)
+    except subprocess.CalledProcessError as e:
+        raise HarnessError(f"building the test image failed: `{' '.join(map(str, e.cmd))}`"
+                           f" exited {e.returncode}:\n{(e.stderr or b'').decode(errors='replace')}")
+    log(f"test image {sif} ready ({time.monotonic() - t0:.1f}s)")
 
 
 # --------------------------------------------------------------------------------------
