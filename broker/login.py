@@ -38,7 +38,7 @@ class Progress:
     def __call__(self, event: dict[str, Any]) -> None:
         state = event.get("state", "")
         text = state
-        if event.get("pending_reason") and state in ("pending", "submitted"):
+        if event.get("pending_reason") not in (None, "", "None") and state in ("pending", "submitted"):
             text += f" (reason: {event['pending_reason']}"
             if event.get("expected_start") not in (None, "", "N/A", "Unknown"):
                 text += f", expected start {event['expected_start']}"

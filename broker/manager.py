@@ -367,7 +367,7 @@ class Manager:
             changed = (info.reason, info.start_time) != (session.pending_reason, session.expected_start)
             session.pending_reason, session.expected_start = info.reason, info.start_time
             if session.state == State.SUBMITTED:
-                self.transition(session, State.PENDING, f"pending: {info.reason}")
+                self.transition(session, State.PENDING, _pending_text(info))
             elif changed:
                 self._notify(session, {"type": "progress", "state": session.state.value,
                                        "pending_reason": info.reason, "expected_start": info.start_time})
@@ -567,6 +567,14 @@ def _failure_from_log(path: str) -> str:
     if marker and marker[0] == MARKER_FAILED:
         return f"instance failed to start: {marker[1] or 'no reason given'}"
     return ""
+
+
+def _pending_text(info: JobInfo) -> str:
+    """``waiting for Resources, expected start 2026-...`` (SLURM says ``None`` before its first pass)."""
+    text = "waiting for the scheduler" if info.reason in ("", "None") else f"waiting for {info.reason}"
+    if info.start_time not in ("", "N/A", "Unknown"):
+        text += f", expected start {info.start_time}"
+    return text
 
 
 def _reason_class(reason: str) -> str:
