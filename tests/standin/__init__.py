@@ -221,7 +221,9 @@ def build_test_image(images_dir: Path) -> Path:
     _ensure_packages()
     if not (stamp.exists() and stamp.read_text().strip() == IMAGE_BUILD_VERSION):
         _build_sandbox(sandbox)
-    subprocess.run([SYSTEM_PYTHON, "-I", str(STANDIN), "build", "--force", str(sif), str(sandbox)],
+    real = real_apptainer()
+    builder = [real] if real else [SYSTEM_PYTHON, "-I", str(STANDIN)]
+    subprocess.run([*builder, "build", "--force", str(sif), str(sandbox)],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     os.chmod(sif, 0o644)
     return sif
