@@ -90,8 +90,13 @@ def _serve(ns: object) -> int:
     import asyncio
 
     from .daemon import serve
+    from .server import StartupError
 
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except StartupError as exc:
+        print(f"sbroker: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import signal
 from pathlib import Path
@@ -12,21 +13,29 @@ from .audit import Audit
 from .config import Config
 from .manager import Manager
 from .sdnotify import Notifier
-from .server import Server
+from .server import Server, StartupError
 from .slurm.runner import Runner
 from .store import Store
 
 
-def prepare_state_dir(state_dir: Path) -> None:
-    """Root-owned and traverse-only: jobs append to their own logs below it by name."""
+def prepare_state_dir(state_dir: Path) -> int:
+    """Root-owned and traverse-only (jobs append to their own logs below it by name),
+    and locked: two daemons must never share one store. Returns the lock's fd."""
     state_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(state_dir, 0o711)
+    fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StartupError(f"broker.state_dir: {state_dir} is in use by another broker") from None
+    return fd
 
 
 async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
     _log.configure(config.log_level)
     log = _log.get("sbroker.daemon")
-    prepare_state_dir(config.state_dir)
+    lock_fd = prepare_state_dir(config.state_dir)
     runner = Runner(path=config.path, slurm_conf=config.slurm_conf, timeout=config.command_timeout)
     store = Store(config.state_dir / "sessions.db")
     audit = Audit(config.state_dir / "audit.jsonl")
@@ -57,6 +66,7 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
         await server.close()
         await manager.close()
         store.close()
+        os.close(lock_fd)
 
 
 async def _watchdog(notifier: Notifier, manager: Manager) -> None:

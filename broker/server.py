@@ -27,6 +27,10 @@ FIRST_REQUEST_TIMEOUT = 30.0
 LOG_TAIL_MAX = 256 * 1024
 
 
+class StartupError(RuntimeError):
+    """The daemon cannot start (socket or state dir in use, bad permissions): one clear line."""
+
+
 class Connection:
     """One client connection: framed reads and writes with the peer's identity."""
 
@@ -77,8 +81,18 @@ class Server:
     async def start(self) -> None:
         path = Path(self.socket_path)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-        if path.is_socket() or path.exists():
-            path.unlink()
+        if path.is_socket():
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(path))
+            except OSError:
+                path.unlink()  # stale socket of a broker that died
+            else:
+                raise StartupError(f"broker.socket: another broker is already serving on {path}")
+            finally:
+                probe.close()
+        elif path.exists():
+            raise StartupError(f"broker.socket: {path} exists and is not a socket")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o111)
         try:

@@ -112,9 +112,9 @@ def reset_state() -> None:
 
 
 def client_as(user: str) -> list[str]:
-    """argv prefix to run the sbroker CLI as ``user`` against the test broker."""
+    """argv prefix to run the installed ``sbroker`` CLI as ``user`` against the test broker."""
     return ["runuser", "-u", user, "--", "env", f"SBROKER_SOCKET={SOCKET}", f"SLURM_CONF={tb.SLURM_CONF}",
-            sys.executable, "-m", "broker"]
+            str(tb.SBROKER_BIN)]
 
 
 __all__ = ["BrokerProcess", "client_as", "config_text", "reset_state", "tail"]

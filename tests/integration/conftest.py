@@ -1,0 +1,69 @@
+"""Fixtures for tests that run the real broker daemon against the real test bed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from tests.cluster import config as tb
+
+from .daemon import SOCKET, BrokerProcess, client_as, reset_state
+
+
+@pytest.fixture(scope="module")
+def broker(cluster) -> Iterator[BrokerProcess]:
+    """A fresh daemon with an empty state dir and no leftover jobs; stopped afterwards."""
+    reset_state()
+    proc = BrokerProcess()
+    proc.start()
+    yield proc
+    proc.stop()
+    reset_state()
+
+
+ALICE, BOB = tb.USERS
+
+
+def sbroker(user: str, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the ``sbroker`` CLI as ``user`` (SO_PEERCRED identifies them to the daemon)."""
+    result = subprocess.run([*client_as(user), *args], capture_output=True, text=True, timeout=timeout,
+                            cwd="/")
+    if check and result.returncode != 0:
+        raise AssertionError(f"sbroker {' '.join(args)} as {user} failed ({result.returncode}): {result.stderr}")
+    return result
+
+
+def sbroker_json(user: str, *args: str) -> object:
+    return json.loads(sbroker(user, *args, "--json").stdout)
+
+
+def jobs_of(user: str, states: str = "PENDING,RUNNING,CONFIGURING,COMPLETING") -> list[dict[str, str]]:
+    """What SLURM itself says the user has (not what the broker says)."""
+    out = subprocess.run(["squeue", "--noheader", f"--states={states}", "-u", user, "-o", "%i|%T|%k"],
+                         capture_output=True, text=True, env=tb.slurm_env(), check=True).stdout
+    jobs = []
+    for line in out.splitlines():
+        job_id, state, comment = line.split("|", 2)
+        jobs.append({"job_id": job_id.strip(), "state": state.strip(), "comment": comment.strip()})
+    return jobs
+
+
+def ensure_as(user: str, project: str) -> dict:
+    """Run an ``ensure`` as ``user`` through a real socket connection from that uid."""
+    result = subprocess.run(
+        ["runuser", "-u", user, "--", "env", f"SBROKER_SOCKET={SOCKET}", "/usr/bin/python3", "-c",
+         "import json,sys; sys.path.insert(0, sys.argv[1]); from broker.client import Client, BrokerError\n"
+         "try:\n  print(json.dumps(Client().request('ensure', project=sys.argv[2])))\n"
+         "except BrokerError as e:\n  print(json.dumps({'type':'error','code':e.code,'message':e.message}))",
+         str(tb.REPO), project],
+        capture_output=True, text=True, timeout=180, cwd="/")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def tagged_jobs(user: str) -> set[str]:
+    """Ids of jobs SLURM has for ``user`` in any state that carry the broker's tag."""
+    return {j["job_id"] for j in jobs_of(user, states="all") if j["comment"].startswith("sbroker/v1")}

@@ -1,0 +1,117 @@
+"""The broker daemon on the real cluster: exactly-once creation, readiness, failure, restart."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import subprocess
+import time
+
+import pytest
+
+from broker.client import BrokerError, Client
+from tests.cluster import config as tb
+
+from .conftest import ALICE, BOB, ensure_as, jobs_of, sbroker, sbroker_json, tagged_jobs
+from .daemon import SOCKET, STATE_DIR
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+
+def test_ensure_creates_one_job_and_reuses_it(broker):
+    before = tagged_jobs(ALICE)
+    first = ensure_as(ALICE, "alpha")
+    assert first["type"] == "result", first
+    session = first["session"]
+    assert session["state"] == "ready"
+    assert session["job_id"].isdigit() and session["node"] == tb.hostname()
+    assert session["instance"].startswith(f"sb-{ALICE}-alpha-")
+    jobs = jobs_of(ALICE)
+    assert [j["job_id"] for j in jobs] == [session["job_id"]]
+    assert f"instance={session['instance']}" in jobs[0]["comment"]
+    # The instance really runs, as alice, under the exact name the broker chose.
+    listed = subprocess.run(tb.as_user(ALICE, f"{tb.BIN}/apptainer", "instance", "list", "--json"),
+                            capture_output=True, text=True, check=True, cwd="/").stdout
+    assert f'"instance": "{session["instance"]}"' in listed
+    second = ensure_as(ALICE, "alpha")
+    assert second["session"]["id"] == session["id"]
+    assert second["session"]["job_id"] == session["job_id"]
+    assert tagged_jobs(ALICE) - before == {session["job_id"]}
+
+
+def test_concurrent_first_logins_make_exactly_one_job(broker):
+    project = "burst"
+    before = tagged_jobs(BOB)
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(lambda _: ensure_as(BOB, project), range(20)))
+    ids = {r["session"]["id"] for r in results}
+    jobs = {r["session"]["job_id"] for r in results}
+    assert len(ids) == 1 and len(jobs) == 1, results
+    assert tagged_jobs(BOB) - before == jobs
+
+
+def test_bad_project_is_refused_with_the_rule(broker):
+    reply = ensure_as(ALICE, "Bad;rm -rf")
+    assert reply["type"] == "error"
+    assert reply["message"].startswith("project:")
+    assert "must match" in reply["message"]
+
+
+def test_user_cannot_see_or_kill_another_users_session_admin_can(broker):
+    alice = ensure_as(ALICE, "alpha")["session"]
+    assert [s["id"] for s in sbroker_json(ALICE, "ls")] == [alice["id"]]
+    bob_view = sbroker_json(BOB, "ls")
+    assert alice["id"] not in [s["id"] for s in bob_view]
+    for args in (("show", alice["id"]), ("kill", alice["id"]), ("logs", alice["id"]),
+                 ("show", f"{ALICE}/alpha")):
+        result = sbroker(BOB, *args, check=False)
+        assert result.returncode != 0
+        assert "no session" in result.stderr
+    # The refusal is the same as for a session that does not exist at all.
+    ghost = sbroker(BOB, "show", "does-not-exist", check=False)
+    assert ghost.stderr.replace("does-not-exist", "X") == sbroker(
+        BOB, "show", alice["id"], check=False).stderr.replace(alice["id"], "X")
+    admin_view = sbroker_json(tb.ADMIN, "ls")
+    assert alice["id"] in [s["id"] for s in admin_view]
+    shown = sbroker_json(tb.ADMIN, "show", alice["id"])
+    assert shown["job_id"] == alice["job_id"]
+    assert "INSTANCE_READY" in shown["log_tail"]
+
+
+def test_state_dir_is_root_only_and_logs_not_writable_by_others(broker):
+    session = ensure_as(ALICE, "alpha")["session"]
+    st = os.stat(STATE_DIR)
+    assert st.st_uid == 0 and st.st_mode & 0o777 == 0o711
+    db = os.stat(STATE_DIR / "sessions.db")
+    assert db.st_mode & 0o077 == 0
+    shown = sbroker_json(tb.ADMIN, "show", session["id"])
+    log = os.stat(shown["log_path"])
+    assert log.st_mode & 0o077 == 0
+    script = os.stat(shown["script_path"])
+    assert script.st_uid == 0 and script.st_mode & 0o077 == 0
+    bob_read = subprocess.run(["runuser", "-u", BOB, "--", "cat", shown["log_path"]], capture_output=True)
+    assert bob_read.returncode != 0
+    bob_list = subprocess.run(["runuser", "-u", BOB, "--", "ls", str(STATE_DIR / "jobs" / ALICE)],
+                              capture_output=True)
+    assert bob_list.returncode != 0
+
+
+def test_malformed_frames_get_one_error_and_daemon_keeps_serving(broker):
+    import socket
+    import struct
+
+    cases = [b"J" + struct.pack(">I", 5) + b"nope!", b"X" + struct.pack(">I", 1) + b"x",
+             b"J" + struct.pack(">I", 10**9), b"J" + struct.pack(">I", 2) + b"[]"]
+    for raw in cases:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(5)
+            sock.connect(str(SOCKET))
+            sock.sendall(raw)
+            reply = sock.recv(65536)
+            assert b'"type":"error"' in reply and b"frame" in reply
+    with Client(str(SOCKET)) as c:
+        with pytest.raises(BrokerError) as err:
+            c.request("no-such-op")
+        assert err.value.field == "op"
+    with Client(str(SOCKET)) as c:
+        assert c.request("ping")["type"] == "result"
