@@ -161,9 +161,27 @@ def test_rootfs_read_only_unless_writable_tmpfs(app, image):
     assert r.stdout == b"gone\n"                   # tmpfs: nothing persists
 
 
-def test_fakeroot_rejected_clearly(app, image, standin_only):
-    r = app("exec", "--fakeroot", image, "true")
-    assert r.returncode == 255 and b"--fakeroot is not supported" in r.stderr
+def test_fakeroot_and_writable_sandbox(app, image, standin_only):
+    r = app("exec", "--fakeroot", "--containall", image, "sh", "-c", 'id -u; id -g; echo "$HOME"')
+    assert r.stdout.decode().split() == ["0", "0", "/root"], r.stderr
+    d = f"/tmp/sbstandin-wsb-{uuid.uuid4().hex}"
+    app.sh(f"mkdir -p {d}", check=True)
+    try:
+        assert app("build", "--sandbox", f"{d}/sb", image).returncode == 0
+        r = app("exec", "--writable", "--fakeroot", f"{d}/sb", "sh", "-c", "echo x > /etc/written && id -u")
+        assert r.returncode == 0 and r.stdout == b"0\n", r.stderr
+        assert open(f"{d}/sb/etc/written").read() == "x\n"          # persisted in the sandbox
+        r = app("exec", "--writable", image, "true")
+        assert r.returncode == 255 and r.stderr.startswith(b"FATAL:")   # image files are read-only
+    finally:
+        subprocess.run(["rm", "-rf", d])
+
+
+def test_env_home_is_not_permitted(app, image):
+    r = app("exec", "--containall", "--env", "HOME=/elsewhere", "--env", "PATH=/bin", image,
+            "sh", "-c", 'echo "$HOME $PATH"')
+    assert r.stdout.decode().strip() == f"{app.pw.pw_dir} /bin"
+    assert b"Overriding HOME environment variable with APPTAINERENV_HOME is not permitted" in r.stderr
 
 
 def test_exit_codes(app, image):
