@@ -3,6 +3,7 @@
 # State lives in $FAKE_APPTAINER_STATE; every call is appended to $state/calls.
 # Knobs (files in the state dir):
 #   start_fail            instance start fails (exit 255, FATAL line on stderr)
+#   start_sleep           seconds instance start takes
 #   start_noshow          instance start succeeds but the instance is never listed
 #   list_fail             instance list always fails (exit 3)
 #   list_fail_count       instance list fails while this counter (decremented per call) > 0
@@ -31,6 +32,7 @@ instance)
         printf '\n    ]\n}\n'
         ;;
     start)
+        if [ -f "$state/start_sleep" ]; then sleep "$(cat "$state/start_sleep")"; fi
         if [ -f "$state/start_fail" ]; then
             echo "INFO:    starting" >&2
             printf 'FATAL:   container creation failed:\n   image not found\n' >&2

@@ -101,7 +101,7 @@ instance_listed() {
 }
 
 pause() {
-    sleep "$1" &
+    sleep "$1" </dev/null >/dev/null 2>&1 &
     sleep_pid=$!
     wait "$sleep_pid"
     sleep_pid=
@@ -110,7 +110,8 @@ pause() {
 on_exit() {
     local status=$?
     trap '' TERM INT HUP
-    if [ -n "$sleep_pid" ]; then kill "$sleep_pid" 2>/dev/null; fi
+    # A signal can land between 'sleep &' and 'sleep_pid=$!': kill every background job.
+    for pid in $sleep_pid $(jobs -p); do kill "$pid" 2>/dev/null; done
     if [ "$ready" = 0 ] && [ "$failed" = 0 ]; then
         failed=1
         printf 'INSTANCE_FAILED: %s\n' "${exit_reason:-start script ended with status $status before the instance was ready}"
