@@ -13,10 +13,11 @@ from .parse import SQUEUE_FORMAT
 
 def squeue_jobs(job_ids: Iterable[str]) -> list[str]:
     """One ``squeue`` for many jobs, every state, fixed format, no header."""
-    ids = sorted({j for j in job_ids}, key=int)
+    ids = set(job_ids)
     for job_id in ids:
         if not job_id.isdigit():
             raise ValueError(f"job_id: must be digits (got {job_id!r})")
+    ids = sorted(ids, key=int)
     return ["squeue", "--noheader", "--states=all", f"--format={SQUEUE_FORMAT}", f"--jobs={','.join(ids)}"]
 
 

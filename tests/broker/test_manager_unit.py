@@ -1,0 +1,114 @@
+"""The manager's truth table and marker reader, without SLURM (pure state logic)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from broker.audit import Audit
+from broker.config import parse
+from broker.manager import Manager, _MarkerReader, parse_marker
+from broker.session import Session, State
+from broker.slurm.parse import JobInfo
+from broker.slurm.runner import Runner
+from broker.store import Store
+
+
+@pytest.fixture
+def manager(tmp_path):
+    config = parse({"container": {"image": "/i.sif"}, "slurm": {"gone_grace": 10.0}})
+    return Manager(config, Runner(path="/usr/bin:/bin"), Store(tmp_path / "s.db"), Audit(tmp_path / "a.jsonl"))
+
+
+def info(state, reason="None", nodes="vm", start="N/A", left="1:00:00"):
+    return JobInfo("7", state, reason, nodes, start, left, "alice", "sb", "")
+
+
+def tracked(manager, state):
+    s = Session(user="alice", uid=1000, project="p", job_id="7")
+    s.move(State.SUBMITTED)
+    if state in (State.STARTING, State.READY):
+        s.move(State.STARTING)
+    if state == State.READY:
+        s.move(State.READY)
+    manager._track(s)
+    return s
+
+
+def test_pending_then_running_then_gone_after_grace(manager):
+    s = tracked(manager, State.SUBMITTED)
+    manager.apply(s, info("PENDING", "Resources", start="2026-11-29T12:00:00"), 100.0)
+    assert s.state == State.PENDING and s.pending_reason == "Resources"
+    assert "expected start 2026-11-29T12:00:00" in s.reason
+    manager.apply(s, info("RUNNING"), 101.0)
+    assert s.state == State.STARTING and s.node == "vm"
+
+
+def test_absent_job_ends_only_after_grace(manager):
+    s = tracked(manager, State.READY)
+    manager.apply(s, None, 100.0)
+    manager.apply(s, None, 105.0)
+    assert s.state == State.READY
+    manager.apply(s, None, 110.5)
+    assert s.state == State.ENDED and "no longer known" in s.reason
+
+
+def test_reappearing_job_resets_grace(manager):
+    s = tracked(manager, State.READY)
+    manager.apply(s, None, 100.0)
+    manager.apply(s, info("RUNNING"), 105.0)
+    manager.apply(s, None, 112.0)
+    assert s.state == State.READY
+
+
+def test_controller_down_marks_unknown_and_restores(manager):
+    s = tracked(manager, State.READY)
+    manager._controller_down("timed out", [s])
+    assert s.state == State.UNKNOWN and not manager.controller_ok
+    manager.apply(s, info("RUNNING"), 100.0)
+    assert s.state == State.READY
+
+
+def test_job_end_before_ready_is_a_failure_with_reason(manager, tmp_path):
+    s = tracked(manager, State.STARTING)
+    log = tmp_path / "job.log"
+    log.write_text("noise\nINSTANCE_FAILED: exit 255: FATAL: could not open image\n")
+    s.log_path = str(log)
+    manager.apply(s, info("FAILED", "NonZeroExitCode"), 100.0)
+    assert s.state == State.FAILED
+    assert s.reason == "instance failed to start: exit 255: FATAL: could not open image"
+
+
+def test_timeout_and_cancelled_ready_session_end(manager):
+    s = tracked(manager, State.READY)
+    manager.apply(s, info("TIMEOUT", "TimeLimit"), 100.0)
+    assert s.state == State.ENDED and s.reason == "job timeout (TimeLimit)"
+
+
+@pytest.mark.parametrize("line, marker", [
+    ("INSTANCE_READY", ("INSTANCE_READY", "")), ("  INSTANCE_READY \r", ("INSTANCE_READY", "")),
+    ("INSTANCE_FAILED: exit 1: boom", ("INSTANCE_FAILED", "exit 1: boom")),
+    ("INSTANCE_FAILED", ("INSTANCE_FAILED", "")), ("echo INSTANCE_READY", None), ("INSTANCE_READYX", None),
+])
+def test_parse_marker(line, marker):
+    assert parse_marker(line) == marker
+
+
+def test_marker_reader_waits_for_complete_lines(tmp_path):
+    path = tmp_path / "log"
+    reader = _MarkerReader(path)
+    assert reader.poll() is None  # no file yet
+    path.write_bytes(b"starting\nINSTANCE_RE")
+    assert reader.poll() is None
+    with open(path, "ab") as fh:
+        fh.write(b"ADY\n")
+    assert reader.poll() == ("INSTANCE_READY", "")
+
+
+def test_marker_reader_does_not_follow_symlinks(tmp_path):
+    target = tmp_path / "secret"
+    target.write_text("INSTANCE_READY\n")
+    link = tmp_path / "log"
+    link.symlink_to(target)
+    assert _MarkerReader(Path(link)).poll() is None

@@ -1,0 +1,73 @@
+"""Framing and request envelope checks (pure)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, strategies as st
+
+from broker import protocol as p
+from broker.client import Client
+
+
+def test_roundtrip_json_frame():
+    frame = p.encode_json({"v": 1, "op": "ping"})
+    kind, length = p.parse_header(frame[:5])
+    assert kind == p.KIND_JSON and length == len(frame) - 5
+    assert p.decode_json(frame[5:]) == {"v": 1, "op": "ping"}
+
+
+@pytest.mark.parametrize("header, field", [
+    (b"X\x00\x00\x00\x01", "frame"),
+    (b"J" + (p.MAX_JSON + 1).to_bytes(4, "big"), "frame"),
+    (b"O" + (p.MAX_DATA + 1).to_bytes(4, "big"), "frame"),
+])
+def test_bad_headers_are_refused(header, field):
+    with pytest.raises(p.ProtocolError) as err:
+        p.parse_header(header)
+    assert err.value.field == field
+
+
+@pytest.mark.parametrize("payload", [b"\xff\xfe", b"[1,2]", b"nope", b'"str"'])
+def test_non_object_json_is_refused(payload):
+    with pytest.raises(p.ProtocolError, match="frame"):
+        p.decode_json(payload)
+
+
+@pytest.mark.parametrize("message, field", [
+    ({"op": "ping"}, "v"), ({"v": 2, "op": "ping"}, "v"), ({"v": 1, "op": "rm -rf"}, "op"),
+    ({"v": 1}, "op"),
+])
+def test_request_envelope(message, field):
+    with pytest.raises(p.ProtocolError) as err:
+        p.check_request(message)
+    assert err.value.field == field
+    assert str(err.value).startswith(field + ":")
+
+
+def test_field_getters_enforce_type_and_bounds():
+    assert p.get_str({"a": "x"}, "a") == "x"
+    with pytest.raises(p.ProtocolError, match="a: must be a string"):
+        p.get_str({"a": 3}, "a")
+    with pytest.raises(p.ProtocolError, match="at most 2"):
+        p.get_str({"a": "xyz"}, "a", max_len=2)
+    with pytest.raises(p.ProtocolError, match="between 1 and 5"):
+        p.get_int({"n": 9}, "n", default=1, low=1, high=5)
+    with pytest.raises(p.ProtocolError, match="integer"):
+        p.get_int({"n": True}, "n", default=1, low=0, high=5)
+
+
+def test_oversized_payload_cannot_be_encoded():
+    with pytest.raises(p.ProtocolError):
+        p.encode(p.KIND_OUTPUT, b"x" * (p.MAX_DATA + 1))
+
+
+@given(st.lists(st.binary(max_size=3000), max_size=20), st.integers(min_value=1, max_value=97))
+def test_client_reassembles_frames_split_anywhere(chunks, step):
+    """Bytes split at arbitrary points (e.g. inside a UTF-8 sequence) come out intact."""
+    stream = b"".join(p.encode(p.KIND_OUTPUT, c) for c in chunks)
+    client = Client.__new__(Client)
+    client._buf = bytearray()
+    out = []
+    for start in range(0, len(stream), step):
+        out += client.feed(stream[start:start + step])
+    assert [payload for _, payload in out] == chunks
