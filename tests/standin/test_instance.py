@@ -102,6 +102,7 @@ def test_start_failures(app, image):
     r = app("instance", "start", "-B", "/nonexistent/src:/x", image, name)
     assert r.returncode == 255 and r.stderr.startswith(b"FATAL:")
     assert json.loads(app("instance", "list", "--json", name).stdout) == {"instances": []}
+    assert not app.instance_dir(name).exists()
     r = app("instance", "start", image, "bad/name")
     assert r.returncode == 255 and b"is not a valid instance name" in r.stderr
 
