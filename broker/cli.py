@@ -51,12 +51,9 @@ def _full(args: list[str]) -> int:
     attach.add_argument("session")
     attach.add_argument("--observe", action="store_true", help="read-only: watch without typing")
 
-    try:
-        from .container.cli import register
-    except ImportError:  # the toolkit CLI is optional at import time only while it is being built
-        register = None
-    if register is not None:
-        register(sub)
+    from .container.cli import register
+
+    register(sub)
 
     ns = parser.parse_args(args)
     if ns.command == "login":
