@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable
-from typing import Any
 
 from . import protocol as p
+
+if False:  # for type checkers only: importing typing helpers costs every SSH login time
+    from collections.abc import Callable
 
 
 class BrokerError(Exception):
@@ -51,7 +52,7 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def send(self, message: dict[str, Any]) -> None:
+    def send(self, message: dict[str, object]) -> None:
         self.sock.sendall(p.encode_json(message))
 
     def send_data(self, data: bytes) -> None:
@@ -79,14 +80,14 @@ class Client:
             self._pending.extend(self.feed(chunk))
         return self._pending.pop(0)
 
-    def recv(self) -> dict[str, Any]:
+    def recv(self) -> dict[str, object]:
         kind, payload = self.recv_frame()
         if kind != p.KIND_JSON:
             raise BrokerError("unexpected data frame from broker", code="protocol")
         return p.decode_json(payload)
 
-    def request(self, op: str, on_progress: Callable[[dict[str, Any]], None] | None = None,
-                **fields: Any) -> dict[str, Any]:
+    def request(self, op: str, on_progress: Callable[[dict[str, object]], None] | None = None,
+                **fields: object) -> dict[str, object]:
         """Send one request; hand progress events to ``on_progress``; return the result."""
         self.send({"v": p.VERSION, "op": op, **fields})
         while True:
@@ -102,7 +103,7 @@ class Client:
             return message
 
 
-def call(op: str, **fields: Any) -> dict[str, Any]:
+def call(op: str, **fields: object) -> dict[str, object]:
     """One request on a fresh connection."""
     with Client() as client:
         return client.request(op, **fields)

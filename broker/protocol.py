@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Any
 
 VERSION = 1
 
@@ -69,7 +68,7 @@ def encode(kind: bytes, payload: bytes) -> bytes:
     return HEADER.pack(kind, len(payload)) + payload
 
 
-def encode_json(message: dict[str, Any]) -> bytes:
+def encode_json(message: dict[str, object]) -> bytes:
     """Frame one JSON message (compact, UTF-8)."""
     return encode(KIND_JSON, json.dumps(message, separators=(",", ":")).encode())
 
@@ -85,7 +84,7 @@ def parse_header(header: bytes) -> tuple[bytes, int]:
     return kind, length
 
 
-def decode_json(payload: bytes) -> dict[str, Any]:
+def decode_json(payload: bytes) -> dict[str, object]:
     """Decode a JSON frame payload into a dict, or raise :class:`ProtocolError`."""
     try:
         message = json.loads(payload.decode("utf-8"))
@@ -96,7 +95,7 @@ def decode_json(payload: bytes) -> dict[str, Any]:
     return message
 
 
-def check_request(message: dict[str, Any]) -> str:
+def check_request(message: dict[str, object]) -> str:
     """Check the envelope of a client request and return its ``op``."""
     version = message.get("v")
     if version != VERSION:
@@ -107,7 +106,7 @@ def check_request(message: dict[str, Any]) -> str:
     return op
 
 
-def get_str(message: dict[str, Any], field: str, *, default: str | None = None,
+def get_str(message: dict[str, object], field: str, *, default: str | None = None,
             max_len: int = 256) -> str | None:
     """Return an optional string field, enforcing type and length."""
     value = message.get(field, default)
@@ -120,7 +119,7 @@ def get_str(message: dict[str, Any], field: str, *, default: str | None = None,
     return value
 
 
-def get_int(message: dict[str, Any], field: str, *, default: int, low: int, high: int) -> int:
+def get_int(message: dict[str, object], field: str, *, default: int, low: int, high: int) -> int:
     """Return an integer field within ``[low, high]``."""
     value = message.get(field, default)
     if isinstance(value, bool) or not isinstance(value, int):
@@ -130,6 +129,6 @@ def get_int(message: dict[str, Any], field: str, *, default: int, low: int, high
     return value
 
 
-def error(field: str, rule: str, *, code: str = "invalid") -> dict[str, Any]:
+def error(field: str, rule: str, *, code: str = "invalid") -> dict[str, object]:
     """An error reply: one clear line naming the field and the rule."""
     return {"type": "error", "code": code, "field": field, "message": f"{field}: {rule}"}
