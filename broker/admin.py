@@ -35,9 +35,33 @@ def _ls(ns: Any) -> int:
     return 0
 
 
-COLUMNS = (("USER", "user", 10), ("PROJECT", "project", 10), ("STATE", "state", 8), ("JOB", "job_id", 7),
-           ("NODE", "node", 8), ("IMAGE", "image_version", 10), ("ATT", "attachers", 3),
-           ("IDLE", "idle", 5), ("LEFT", "time_left", 9))
+#: (title, key, width): 11 columns + separators = 79. Full values are in ``--json`` and ``show``.
+COLUMNS = (("USER", "user", 8), ("PROJECT", "project", 8), ("STATE", "state", 8), ("JOB", "job_id", 6),
+           ("NODE", "node", 6), ("INST", "instance", 6), ("IMAGE@DIGEST", "image", 13), ("A", "attachers", 1),
+           ("IDLE", "idle", 4), ("LEFT", "time_left", 5), ("AGE", "age", 4))
+
+
+def _cell(session: dict[str, Any], key: str, width: int) -> str:
+    value = session.get(key, "")
+    if key in ("idle", "age"):
+        return human_duration(value) if isinstance(value, (int, float)) else "-"
+    if key == "time_left":
+        return compact_left(str(value or ""))
+    if key == "instance":  # sb-<user>-<project>-<token>: the token is the unique part
+        return str(value).rsplit("-", 1)[-1] if value else "-"
+    if key == "attachers":
+        n = value if isinstance(value, int) else 0
+        return str(n) if n <= 9 else "+"
+    if key == "image":
+        version = str(session.get("image_version") or "") or str(value).rsplit("/", 1)[-1].removesuffix(".sif")
+        digest = str(session.get("image_digest") or "").split(":")[-1][:6]
+        if not digest:
+            return version or "-"
+        room = width - len(digest) - 1
+        if len(version) > room:
+            version = version[:room - 1] + "~"
+        return f"{version}@{digest}"
+    return str(value if value not in (None, "") else "-")
 
 
 def format_table(sessions: list[dict[str, Any]]) -> str:
@@ -46,10 +70,7 @@ def format_table(sessions: list[dict[str, Any]]) -> str:
     for s in sessions:
         cells = []
         for _, key, width in COLUMNS:
-            value = s.get(key, "")
-            if key == "idle":
-                value = human_duration(float(value or 0))
-            text = str(value if value not in (None, "") else "-")
+            text = _cell(s, key, width)
             cells.append(f"{text if len(text) <= width else text[:width - 1] + '~':<{width}}")
         lines.append(" ".join(cells).rstrip())
     return "\n".join(lines)
@@ -61,6 +82,23 @@ def human_duration(seconds: float) -> str:
         if seconds >= size:
             return f"{seconds // size}{unit}"
     return f"{seconds}s"
+
+
+def compact_left(text: str) -> str:
+    """``squeue %L`` (``1-02:03:04``, ``1:59:30``, ``45:10``) in at most 5 characters."""
+    from .slurm.parse import parse_duration
+
+    seconds = parse_duration(text) if text else None
+    if seconds is None:
+        return text or "-"
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h" if days < 10 else f"{days}d"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m" if minutes >= 5 else f"{minutes * 60 + secs}s"
 
 
 def _show(ns: Any) -> int:
@@ -139,4 +177,25 @@ def _attach(ns: Any) -> int:
     return term.attach(ns.session, mode="observe" if ns.observe else "write", client=Client())
 
 
-_COMMANDS = {"ls": _ls, "show": _show, "kill": _kill, "logs": _logs, "events": _events, "attach": _attach}
+def _reap(ns: Any) -> int:
+    report = call("reap", dry_run=ns.dry_run)["report"]
+    if ns.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    verb = "would remove" if report["dry_run"] else "removed"
+    for job in report["orphan_jobs"]:
+        print(f"orphan job {job['job_id']} ({job['user']}/{job['project']}): {job['why']} -> "
+              f"{'would cancel' if report['dry_run'] else 'cancelled'}")
+    for inst in report["stale_instances"]:
+        print(f"stale instance state {inst['path']}: {verb}")
+    for item in report["old_job_files"]:
+        print(f"old job file {item['path']} ({item['age_days']} days): {verb}")
+    for error in report["errors"]:
+        print(f"error: {error}", file=sys.stderr)
+    counts = [len(report[k]) for k in ("orphan_jobs", "stale_instances", "old_job_files")]
+    print(f"reap: {counts[0]} orphan jobs, {counts[1]} stale instance dirs, {counts[2]} old job files "
+          f"({report['seconds']}s)")
+    return 1 if report["errors"] else 0
+
+
+_COMMANDS = {"reap": _reap, "ls": _ls, "show": _show, "kill": _kill, "logs": _logs, "events": _events, "attach": _attach}

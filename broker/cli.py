@@ -50,6 +50,9 @@ def _full(args: list[str]) -> int:
     attach = sub.add_parser("attach", help="attach this terminal to a session's shell")
     attach.add_argument("session")
     attach.add_argument("--observe", action="store_true", help="read-only: watch without typing")
+    reap = sub.add_parser("reap", help="admins: remove orphan jobs, stale instance state and old job files now")
+    reap.add_argument("--dry-run", action="store_true", help="report what would be removed, remove nothing")
+    reap.add_argument("--json", action="store_true")
 
     from .container.cli import register
 
@@ -62,7 +65,7 @@ def _full(args: list[str]) -> int:
         return login_main([])
     if ns.command in ("serve", "check-config"):
         return _serve(ns)
-    if ns.command in ("ls", "show", "kill", "logs", "events", "attach"):
+    if ns.command in ("ls", "show", "kill", "logs", "events", "attach", "reap"):
         from . import admin
 
         return admin.run(ns)

@@ -51,6 +51,8 @@ class Config:
     admin_group: str = "sbroker-admins"
     log_level: str = "info"
     metrics_socket: str = ""
+    metrics_port: int = 0
+    audit_log: str = ""
 
     partition: str = "compute"
     time_limit: str = "8:00:00"
@@ -79,6 +81,11 @@ class Config:
     idle_timeout: float = 0.0
     walltime_warnings: tuple[int, ...] = (1800, 300)
     scrollback_bytes: int = 64 * 1024
+    idle_grace: float = 300.0
+
+    reaper_interval: float = 600.0
+    reaper_retention: float = 14 * 86400.0
+    reaper_instance_check: bool = True
 
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -90,6 +97,8 @@ _FIELDS: list[tuple[str, str, str, str]] = [
     ("broker", "admin_group", "admin_group", "name"),
     ("broker", "log_level", "log_level", "loglevel"),
     ("broker", "metrics_socket", "metrics_socket", "abspath_or_empty"),
+    ("broker", "metrics_port", "metrics_port", "int:0:65535"),
+    ("broker", "audit_log", "audit_log", "abspath_or_empty"),
     ("slurm", "partition", "partition", "name"),
     ("slurm", "time_limit", "time_limit", "slurmtime"),
     ("slurm", "cpus", "cpus", "int:1:4096"),
@@ -115,6 +124,10 @@ _FIELDS: list[tuple[str, str, str, str]] = [
     ("timeouts", "idle", "idle_timeout", "float:0:604800"),
     ("timeouts", "walltime_warnings", "walltime_warnings", "intlist"),
     ("timeouts", "scrollback_bytes", "scrollback_bytes", "int:0:16777216"),
+    ("timeouts", "idle_grace", "idle_grace", "float:0:604800"),
+    ("reaper", "interval", "reaper_interval", "float:0:604800"),
+    ("reaper", "retention", "reaper_retention", "float:3600:31536000"),
+    ("reaper", "instance_check", "reaper_instance_check", "bool"),
 ]
 
 

@@ -38,7 +38,7 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
     lock_fd = prepare_state_dir(config.state_dir)
     runner = Runner(path=config.path, slurm_conf=config.slurm_conf, timeout=config.command_timeout)
     store = Store(config.state_dir / "sessions.db")
-    audit = Audit(config.state_dir / "audit.jsonl")
+    audit = Audit(Path(config.audit_log) if config.audit_log else config.state_dir / "audit.jsonl")
     manager = Manager(config, runner, store, audit)
     server = Server(manager, config.socket)
     extensions = _load_extensions(manager, server)
@@ -80,13 +80,8 @@ async def _watchdog(notifier: Notifier, manager: Manager) -> None:
 
 def _load_extensions(manager: Manager, server: Server) -> list:
     """Attach the terminal hub and the operations plane (policies, metrics)."""
-    extensions = []
     from .attach import AttachHub
+    from .ops import Operations
 
-    extensions.append(AttachHub(manager, server))
-    try:
-        from .ops import Operations
-    except ImportError:
-        return extensions
-    extensions.append(Operations(manager, server))
-    return extensions
+    hub = AttachHub(manager, server)
+    return [hub, Operations(manager, server, hub)]

@@ -1,0 +1,242 @@
+"""The operations plane: idle and walltime policy, the reaper's schedule, metrics, ``reap``.
+
+What it owns: the decisions *when* to warn and *when* to end a session for policy
+reasons, and the wiring of :mod:`broker.reaper` and :mod:`broker.metrics` into the
+daemon. What it must not do: change session state itself (it ends sessions only
+through ``manager.kill``) or run SLURM commands other than through the manager's
+runner (the reaper does that).
+
+Policy, checked every :data:`TICK` seconds for every ready session:
+
+* **Idle** (``timeouts.idle`` > 0): a session with no attached terminal and no
+  input, attach or login for ``timeouts.idle`` seconds is warned (audit
+  ``idle_warning``, log, a ``notice`` event to anyone waiting on it), and if it is
+  still idle ``timeouts.idle_grace`` seconds later it is ended cleanly (job
+  cancelled, so the start script's trap stops the instance). A session with an
+  attacher is never culled; any activity after the warning cancels it.
+* **Walltime** (``timeouts.walltime_warnings``, seconds before the end): when the
+  time left (``squeue %L``, corrected for the age of the last poll) passes a mark,
+  a notice is written into every attached terminal of the session, once per mark.
+  A mark passed while nobody is attached is delivered at the next attach.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from typing import Any
+
+from . import log as _log
+from .manager import Manager, SessionError
+from .metrics import Metrics
+from .reaper import Reaper
+from .server import Connection, Server
+from .session import Session, State
+from .slurm.parse import parse_duration
+
+TICK = 1.0
+
+
+class Operations:
+    def __init__(self, manager: Manager, server: Server, hub: Any = None) -> None:
+        self.manager = manager
+        self.server = server
+        self.config = manager.config
+        self.hub = hub if hub is not None else getattr(getattr(server, "describe_extra", None), "__self__", None)
+        self.log = _log.get("sbroker.ops")
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.reaper = Reaper(manager)
+        self.metrics: Metrics | None = None
+        self.metrics = Metrics(manager, self.hub, self)
+        self._idle_warned: dict[str, float] = {}
+        self._seen_attached: dict[str, float] = {}
+        self._walltime_sent: dict[str, set[int]] = {}
+        self._reap_lock = asyncio.Lock()
+        server.handlers["reap"] = self.op_reap
+        self._wrap_ensure()
+        previous = getattr(server, "describe_extra", None)
+        server.describe_extra = lambda s: {**(previous(s) if previous else {}), **self.describe(s)}
+        self._tasks = [asyncio.ensure_future(self._start_metrics()), asyncio.ensure_future(self._policy_loop())]
+        if self.config.reaper_interval > 0:
+            self._tasks.append(asyncio.ensure_future(self._reaper_loop()))
+
+    # ------------------------------------------------------------------ wiring
+
+    def _wrap_ensure(self) -> None:
+        """Time every successful ``ensure`` (the time-to-shell histogram), without touching the server."""
+        inner = self.server.handlers["ensure"]
+
+        async def timed_ensure(conn: Connection, message: dict[str, Any]) -> None:
+            started = time.monotonic()
+            project = message.get("project") or self.config.default_project
+            before = self.manager.current(conn.user.name, project) if isinstance(project, str) else None
+            warm = before is not None and before.state == State.READY
+            await inner(conn, message)
+            after = self.manager.current(conn.user.name, project) if isinstance(project, str) else None
+            if after is not None and after.state == State.READY and self.metrics is not None:
+                self.metrics.time_to_shell.labels("warm" if warm else "cold").observe(time.monotonic() - started)
+
+        self.server.handlers["ensure"] = timed_ensure
+
+    async def _start_metrics(self) -> None:
+        assert self.metrics is not None
+        try:
+            await self.metrics.start()
+        except OSError as exc:
+            self.log.error("metrics_unavailable", error=str(exc), socket=self.config.metrics_socket,
+                           port=self.config.metrics_port)
+
+    def describe(self, session: Session) -> dict[str, Any]:
+        """Policy fields for ``ls``/``show``."""
+        warned = self._idle_warned.get(session.id)
+        data: dict[str, Any] = {"idle_warned": warned is not None,
+                                "walltime_warned": sorted(self._walltime_sent.get(session.id, ()))}
+        if warned is not None:
+            data["idle_ends_in"] = round(max(0.0, warned + self.config.idle_grace - time.time()), 1)
+        return data
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self.metrics is not None:
+            await self.metrics.close()
+
+    # ------------------------------------------------------------------ policy
+
+    async def _policy_loop(self) -> None:
+        while True:
+            await asyncio.sleep(TICK)
+            try:
+                await self.tick(time.time())
+            except Exception:  # a policy bug must not stop the loop (or the daemon)
+                self.log.exception("policy_failed")
+
+    async def tick(self, now: float) -> None:
+        live = set()
+        for session in list(self.manager.by_key.values()):
+            live.add(session.id)
+            if session.state != State.READY:
+                continue
+            attached = bool(self.hub and self.hub.attached(session.id))
+            if attached:
+                self._seen_attached[session.id] = now
+            self._walltime(session, attached, now)
+            await self._idle(session, attached, now)
+        for table in (self._idle_warned, self._seen_attached, self._walltime_sent):
+            for sid in [sid for sid in table if sid not in live]:
+                del table[sid]
+
+    def _last_active(self, session: Session) -> float:
+        last_input = self.hub.last_input(session.id) if self.hub else 0.0
+        return max(session.last_activity, session.ready_at, last_input, self._seen_attached.get(session.id, 0.0))
+
+    async def _idle(self, session: Session, attached: bool, now: float) -> None:
+        limit = self.config.idle_timeout
+        warned = self._idle_warned.get(session.id)
+        if not limit or attached:
+            if warned is not None:
+                self._clear_idle(session, "attached")
+            return
+        last = self._last_active(session)
+        if warned is not None and last > warned:
+            self._clear_idle(session, "activity")
+            warned = None
+        idle = now - last
+        if idle < limit:
+            return
+        grace = self.config.idle_grace
+        if warned is None:
+            self._idle_warned[session.id] = warned = now
+            self.counts["idle_warning"] += 1
+            text = (f"session idle for {idle:.0f}s (limit {limit:g}s) with nothing attached; "
+                    f"it will be ended in {grace:g}s unless you log in")
+            self.manager.audit.record("idle_warning", user=session.user, project=session.project,
+                                      session=session.id, job_id=session.job_id, idle=round(idle, 1),
+                                      limit=limit, ends_in=grace)
+            self.log.warning("idle_warning", session=session.id, user=session.user, project=session.project,
+                             job_id=session.job_id, idle=round(idle, 1), limit=limit, ends_in=grace)
+            self._notice(session, text)
+        if now - warned < grace:
+            return
+        del self._idle_warned[session.id]
+        self.counts["idle_end"] += 1
+        reason = f"idle for {idle:.0f}s (limit {limit:g}s), nothing attached"
+        self.log.warning("idle_end", session=session.id, user=session.user, project=session.project,
+                         job_id=session.job_id, idle=round(idle, 1))
+        await self.manager.kill(session, by="sbroker", by_uid=0, reason=reason)
+
+    def _clear_idle(self, session: Session, why: str) -> None:
+        self._idle_warned.pop(session.id, None)
+        self.manager.audit.record("idle_warning_cleared", user=session.user, project=session.project,
+                                  session=session.id, why=why)
+        self.log.info("idle_warning_cleared", session=session.id, why=why)
+
+    def _notice(self, session: Session, text: str) -> None:
+        """A ``notice`` event for anyone subscribed to the session (e.g. a login waiting on it)."""
+        notify = getattr(self.manager, "_notify", None)
+        if notify is not None:
+            notify(session, {"type": "notice", "text": text})
+
+    def _walltime(self, session: Session, attached: bool, now: float) -> None:
+        marks = self.config.walltime_warnings
+        left = parse_duration(session.time_left) if session.time_left else None
+        if not marks or left is None:
+            return
+        if self.manager.last_poll:
+            left = max(0.0, left - max(0.0, now - self.manager.last_poll))
+        sent = self._walltime_sent.setdefault(session.id, set())
+        due = [m for m in marks if left <= m and m not in sent]
+        if not due or not attached or self.hub is None:
+            return  # kept until someone is attached to read it
+        mark = min(due)
+        text = (f"\r\n\x07*** sbroker: this session's SLURM allocation ends in {_minutes(left)} (walltime). "
+                f"Save your work; the shell and everything running in it will be stopped. ***\r\n")
+        delivered = self.hub.broadcast(session.id, text)
+        if not delivered:
+            return
+        sent.update(due)
+        self.counts["walltime_warning"] += 1
+        self.manager.audit.record("walltime_warning", user=session.user, project=session.project,
+                                  session=session.id, job_id=session.job_id, mark=mark,
+                                  seconds_left=int(left), delivered=delivered)
+        self.log.info("walltime_warning", session=session.id, user=session.user, job_id=session.job_id,
+                      mark=mark, seconds_left=int(left), delivered=delivered)
+
+    # ------------------------------------------------------------------ reaper
+
+    async def _reaper_loop(self) -> None:
+        await asyncio.sleep(min(60.0, self.config.reaper_interval))
+        while True:
+            try:
+                await self.reap()
+            except Exception:
+                self.log.exception("reaper_failed")
+            await asyncio.sleep(self.config.reaper_interval)
+
+    async def reap(self, dry_run: bool = False) -> dict[str, Any]:
+        async with self._reap_lock:
+            return await self.reaper.run_once(dry_run=dry_run)
+
+    async def op_reap(self, conn: Connection, message: dict[str, Any]) -> None:
+        if not conn.admin:
+            raise SessionError("forbidden", f"reap: only members of {self.config.admin_group} may run the reaper")
+        dry_run = message.get("dry_run", False)
+        if not isinstance(dry_run, bool):
+            raise ValueError("dry_run: must be true or false")
+        self.manager.audit.record("reap_requested", user=None, by=conn.user.name, peer_uid=conn.user.uid,
+                                  dry_run=dry_run)
+        report = await self.reap(dry_run=dry_run)
+        await conn.send({"type": "result", "report": report})
+
+
+def _minutes(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 120:
+        return f"{seconds // 60} minutes"
+    return f"{seconds} seconds"
