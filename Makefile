@@ -68,3 +68,16 @@ clean:
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 	rm -rf $(VENV)
+
+# The broker as a systemd service on a login node (docs/admin.md). Installs the unit, a tmpfiles
+# snippet and the admin docs; does not enable or start it (write /etc/sbroker/broker.toml first).
+.PHONY: install-systemd
+install-systemd: install
+	install -D -m 0644 systemd/sbroker.service /etc/systemd/system/sbroker.service
+	install -D -m 0644 systemd/sbroker.tmpfiles /usr/lib/tmpfiles.d/sbroker.conf
+	install -D -m 0644 docs/admin.md /usr/share/doc/sbroker/admin.md
+	install -d -m 0755 /etc/sbroker
+	@if [ -d /run/systemd/system ]; then systemctl daemon-reload; \
+	else echo "== systemd is not running here: unit installed, not loaded"; fi
+	@[ -e /etc/sbroker/broker.toml ] || echo "== next: write /etc/sbroker/broker.toml (docs/admin.md), then"
+	@echo "== systemctl enable --now sbroker"
