@@ -1,0 +1,129 @@
+"""``python -m benchmarks [names...]``: run benchmarks against raw SLURM, write the report.
+
+Names: readiness, verify, import, sched, warm, pty, cold, rss (default: all, in that order).
+Cluster benchmarks take the test bed lock that pytest's cluster fixture takes, for the
+whole run, and stop the broker they started. ``--quick`` uses small n (a smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .common import Row, TestbedLock, log
+
+ORDER = ["readiness", "verify", "import", "sched", "warm", "pty", "cold", "rss"]
+CLUSTER = {"sched", "warm", "pty", "cold", "rss"}
+NEEDS_BROKER = {"warm", "pty", "cold"}
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# n per benchmark: full run (fits in 15 minutes on 2 cores) and --quick.
+SIZES = {
+    "full": dict(readiness=200, verify=5, verify_mb=1024, import_n=20, sched_ns=[1, 10, 50, 200], sched_s=20.0,
+                 warm=15, pty=3, pty_mb=200, keys=200, cold=8, rss=1000, rss_restarts=5),
+    "quick": dict(readiness=30, verify=2, verify_mb=128, import_n=5, sched_ns=[1, 10], sched_s=5.0,
+                  warm=3, pty=1, pty_mb=20, keys=30, cold=2, rss=1000, rss_restarts=1),
+}
+
+
+def machine() -> dict[str, str]:
+    def out(*argv: str) -> str:
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.strip()
+        except OSError:
+            return ""
+    cpu = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return {"cpus": str(os.cpu_count()), "cpu": cpu, "kernel": platform.release(),
+            "python": platform.python_version(), "slurm": out("sinfo", "--version"),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def run(names: list[str], size: dict, lock_wait: float) -> dict[str, list[Row]]:
+    from . import offline
+
+    results: dict[str, list[Row]] = {}
+    if "readiness" in names:
+        results["readiness"] = offline.readiness(size["readiness"])
+    if "verify" in names:
+        results["verify"] = offline.hashing(size["verify"], size["verify_mb"])
+    if "import" in names:
+        results["import"] = offline.import_cost(size["import_n"])
+    if not CLUSTER & set(names):
+        return results
+    with TestbedLock(lock_wait):
+        from . import bed
+
+        bed.bring_up()
+        if "sched" in names:
+            from . import sched
+
+            results["sched"] = sched.scheduler_load(size["sched_ns"], size["sched_s"])
+        if NEEDS_BROKER & set(names):
+            from . import interactive
+
+            broker = bed.Broker()
+            broker.start()
+            try:
+                if "warm" in names:
+                    results["warm"] = interactive.warm_attach(broker, size["warm"])
+                if "pty" in names:
+                    results["pty"] = interactive.pty(broker, size["pty"], size["pty_mb"], size["keys"])
+                if "cold" in names:
+                    results["cold"] = interactive.cold_shell(broker, size["cold"])
+            finally:
+                broker.stop()
+                from tests.integration import daemon as d
+
+                d.reset_state()
+                bed.cleanup_bench_files()
+        if "rss" in names:
+            from . import rss
+
+            results["rss"] = rss.rss(size["rss"], size["rss_restarts"])
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", metavar="NAME", help=f"any of {', '.join(ORDER)} (default: all)")
+    parser.add_argument("--quick", action="store_true", help="small n: a smoke run, not for the report")
+    parser.add_argument("--lock-wait", type=float, default=1800.0, help="seconds to wait for the test bed lock")
+    parser.add_argument("--no-report", action="store_true", help="do not rewrite docs/benchmarks.md")
+    args = parser.parse_args(argv)
+    names = args.names or ORDER
+    unknown = set(names) - set(ORDER)
+    if unknown:
+        parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}; known: {', '.join(ORDER)}")
+    if os.geteuid() != 0:
+        parser.error("run as root (the benchmarks start the broker and drive the test bed)")
+    started = time.monotonic()
+    mode = "quick" if args.quick else "full"
+    results = run([n for n in ORDER if n in names], SIZES[mode], args.lock_wait)
+    info = machine()
+    info["mode"] = mode
+    info["wall_s"] = f"{time.monotonic() - started:.0f}"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for name, rows in results.items():
+        (RESULTS / f"{name}.json").write_text(json.dumps(
+            {"machine": info, "rows": [r.to_json() for r in rows]}, indent=1) + "\n")
+    if not args.no_report:
+        from .report import write_report
+
+        path = write_report(RESULTS, ORDER)
+        log(f"report: {path}")
+    log(f"done in {time.monotonic() - started:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Benchmarks that drive real terminals: warm attach, cold first login, pty throughput and keys."""
+
+from __future__ import annotations
+
+import os
+import random
+import select
+import time
+from pathlib import Path
+
+from tests.cluster import config as tb
+
+from . import bed
+from .common import PtyProc, Row, log, prompt_re, summary, time_ratio
+
+ALICE, ADMIN = tb.USERS[0], tb.ADMIN
+WARM_PROJECT = "bench"
+PROMPT_TIMEOUT = 60.0
+
+
+def _time_to_prompt(argv: list[str], user: str, env: dict[str, str] | None = None) -> float:
+    p = PtyProc(argv, env=env)
+    try:
+        t = p.expect(prompt_re(user), PROMPT_TIMEOUT) - p.t_start
+    except Exception:
+        p.close(exit_bytes=b"")
+        raise
+    p.close()
+    return t
+
+
+def warm_attach(broker: bed.Broker, n: int) -> list[Row]:
+    """Session ready; time from starting the client until the shell prompt is on our terminal."""
+    session = broker.ensure(ALICE, WARM_PROJECT)
+    raw_admin = bed.RawJob(ADMIN, WARM_PROJECT)
+    raw_admin.prepare()
+    raw_admin.submit()
+    raw_admin.wait_ready()
+    log(f"warm attach: session {session['id']} job {session['job_id']}; raw job {raw_admin.job_id} ({ADMIN})")
+    alice_raw = bed.shell_argv_for(session, ALICE, WARM_PROJECT)
+    pairs = {
+        "ssh": (lambda: _time_to_prompt(bed.ssh_argv(ALICE), ALICE, bed.ssh_env(WARM_PROJECT)),
+                lambda: _time_to_prompt(bed.ssh_argv(ADMIN, bed.ssh_srun_remote(raw_admin.shell_argv())), ADMIN,
+                                        bed.ssh_env())),
+        "local": (lambda: _time_to_prompt(bed.local_login_argv(ALICE, WARM_PROJECT), ALICE),
+                  lambda: _time_to_prompt(bed.local_srun_argv(ALICE, alice_raw), ALICE)),
+    }
+    rows = []
+    try:
+        for name, (run_a, run_b) in pairs.items():
+            run_a(), run_b()  # warm-up pair, discarded (page cache, sshd, python bytecode)
+            a, b = [], []
+            for i in range(n):
+                first_a = i % 2 == 0  # alternate which side goes first within a pair
+                for side in ((run_a, a), (run_b, b)) if first_a else ((run_b, b), (run_a, a)):
+                    side[1].append(side[0]())
+            ratio, met = time_ratio(a, b, 1.10)
+            if name == "ssh":
+                row = Row("warm_attach", "warm attach, time to prompt: `ssh` → ForceCommand → broker → "
+                          "`srun --pty` vs `ssh` + `srun --overlap --pty … instance://`", "s", a, b,
+                          goal="≤ 1.10×", met=met, ratio=ratio, ratio_label="×",
+                          note="both sides pay one ssh login; raw side is sbadmin (plain shell) in its own "
+                               "allocation of the same start script")
+            else:
+                row = Row("warm_attach", "warm attach without ssh: `sbroker login` vs `srun --overlap --pty` "
+                          "by hand, same job and instance", "s", a, b, goal="≤ 1.10×", met=met, ratio=ratio,
+                          ratio_label="×", note="isolates the broker's own cost (login client, ensure, "
+                                                "attach, pty bridge)")
+            rows.append(row)
+            log(f"warm attach [{name}]: sbroker {summary(a)['median']:.3f}s raw {summary(b)['median']:.3f}s "
+                f"ratio {ratio:.2f}")
+    finally:
+        raw_admin.cancel()
+    return rows
+
+
+def cold_shell(broker: bed.Broker, n: int) -> list[Row]:
+    """First login for a new project (sbatch → INSTANCE_READY → prompt) vs raw sbatch → marker."""
+    tag = f"{int(time.time()) % 100000}"
+    a, b, server = [], [], []
+
+    def run_a(k: int) -> None:
+        project = f"c{tag}a{k}"
+        a.append(_time_to_prompt(bed.ssh_argv(ALICE), ALICE, bed.ssh_env(project)))
+        info = broker.request("show", session=f"{ALICE}/{project}")["session"]
+        server.append(info["ready_at"] - info["created"])
+        broker.kill(ALICE, project)
+        bed.wait_jobs_gone([info["job_id"]])
+
+    def run_b(k: int) -> None:
+        job = bed.RawJob(ALICE, f"c{tag}b{k}")
+        job.prepare()
+        t0 = time.monotonic()
+        job.submit()
+        b.append(job.wait_ready() - t0)
+        job.cancel()
+        bed.wait_jobs_gone([job.job_id])
+
+    for k in range(n):
+        if k % 2 == 0:
+            run_a(k), run_b(k)
+        else:
+            run_b(k), run_a(k)
+        log(f"cold {k + 1}/{n}: sbroker {a[-1]:.2f}s raw {b[-1]:.2f}s")
+    ratio, met = time_ratio(a, b, 1.3)
+    return [Row("cold_shell", "cold time to shell: first `ssh` login of a new project (sbatch → INSTANCE_READY "
+                "→ attach → prompt) vs raw `sbatch` of the same script until INSTANCE_READY is in its output",
+                "s", a, b, goal="≤ 1.3×", met=met, ratio=ratio, ratio_label="×",
+                note="scheduler launch jitter 0–1 s (batch_sched_delay=0) on both sides",
+                extra={"broker_created_to_ready_s": summary(server), "samples_created_to_ready": server})]
+
+
+# ------------------------------------------------------------------ pty throughput and keys
+
+def _stream_until(p: PtyProc, marker: bytes, timeout: float) -> tuple[int, float]:
+    """Read as fast as a terminal could until ``marker``; return (bytes, monotonic end)."""
+    total, tail = 0, b""
+    deadline = time.monotonic() + timeout
+    fd = p.master
+    while True:
+        r, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not r:
+            raise TimeoutError(f"no {marker!r} within {timeout:g}s ({total} bytes read)")
+        data = os.read(fd, 1 << 16)
+        if not data:
+            raise EOFError("terminal closed")
+        total += len(data)
+        window = tail + data
+        if marker in window:
+            return total, time.monotonic()
+        tail = window[-64:]
+
+
+def _make_text_file(path: Path, size: int, owner: str) -> None:
+    line = (b"sbroker pty throughput benchmark: 0123456789 abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUV\n")
+    block = line * (1 << 20 // len(line) + 1)
+    with open(path, "wb") as fh:
+        written = 0
+        while written < size:
+            chunk = block[:size - written]
+            fh.write(chunk)
+            written += len(chunk)
+    user = bed.lookup_name(owner)
+    os.chown(path, user.uid, user.gid)
+
+
+def pty(broker: bed.Broker, n: int, size_mb: int, keys: int) -> list[Row]:
+    session = broker.ensure(ALICE, WARM_PROJECT)
+    path = Path(f"/home/{ALICE}/.sbroker-bench-cat.txt")
+    _make_text_file(path, size_mb << 20, ALICE)
+    open_a = lambda: PtyProc(bed.local_login_argv(ALICE, WARM_PROJECT))  # noqa: E731
+    open_b = lambda: PtyProc(bed.local_srun_argv(ALICE, bed.shell_argv_for(session, ALICE, WARM_PROJECT)))  # noqa: E731
+    terms = {}
+    rows = []
+    try:
+        terms["a"], terms["b"] = open_a(), open_b()
+        for t in terms.values():
+            t.expect(prompt_re(ALICE), PROMPT_TIMEOUT)
+            t.drain()
+        subprocess_cat = f"cat {path}; echo CAT_DONE_$((40+2))\r".encode()
+        tput: dict[str, list[float]] = {"a": [], "b": []}
+        for i in range(n + 1):  # the first round warms the page cache and is discarded
+            for side in ("a", "b") if i % 2 == 0 else ("b", "a"):
+                t = terms[side]
+                t.drain(quiet=0.1)
+                t0 = time.monotonic()
+                t.send(subprocess_cat)
+                nbytes, t1 = _stream_until(t, b"CAT_DONE_42", 300)
+                if i:
+                    tput[side].append(nbytes / (t1 - t0) / 1e6)
+            log(f"pty throughput round {i}: " + ", ".join(f"{k} {v[-1]:.0f} MB/s" for k, v in tput.items() if v))
+        ratio = summary(tput["a"])["median"] / summary(tput["b"])["median"]
+        rows.append(Row("pty", f"pty throughput: `cat` of a {size_mb} MiB text file through the bridge vs the "
+                        "raw `srun --pty`", "MB/s", tput["a"], tput["b"], goal="≥ 0.8×", met=ratio >= 0.8,
+                        ratio=ratio, ratio_label="×", note="bytes counted as they arrive on our pty master"))
+        # keystroke echo round trip: `cat >/dev/null` in cooked mode, the remote pty echoes each byte
+        for t in terms.values():
+            t.send(b"cat >/dev/null\r")
+            time.sleep(0.3)
+            t.drain(quiet=0.2)
+        rtt: dict[str, list[float]] = {"a": [], "b": []}
+        for i in range(keys):
+            for side in ("a", "b") if i % 2 == 0 else ("b", "a"):
+                t = terms[side]
+                t.mark()
+                t0 = time.monotonic()
+                t.send(b"x")
+                rtt[side].append((t.expect(b"x", 10) - t0) * 1000)
+                time.sleep(random.uniform(0.002, 0.01))
+        for t in terms.values():
+            t.send(b"\x03")
+            t.drain(quiet=0.2)
+        added = summary(rtt["a"])["median"] - summary(rtt["b"])["median"]
+        rows.append(Row("pty", "keystroke echo round trip: one byte through the bridge vs the raw `srun --pty`",
+                        "ms", rtt["a"], rtt["b"], goal="≤ 2 ms added", met=added <= 2.0, ratio=added,
+                        ratio_label="ms added (median)", note="remote pty echo in `cat >/dev/null`"))
+        log(f"keystrokes: sbroker {summary(rtt['a'])['median']:.2f} ms raw {summary(rtt['b'])['median']:.2f} ms")
+    finally:
+        for t in terms.values():
+            t.close()
+        path.unlink(missing_ok=True)
+    return rows

@@ -1,0 +1,130 @@
+"""Benchmarks without SLURM in the loop: readiness detection, image hashing, login import cost."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from broker.audit import Audit
+from broker.config import Config
+from broker.manager import Manager
+from broker.session import Session, State
+from broker.slurm.runner import Runner
+from broker.store import Store
+
+from .common import Row, log, summary
+
+PY = sys.executable
+
+
+def _manager(tmp: Path) -> Manager:
+    cfg = Config(image="/nonexistent.sif", state_dir=tmp, start_timeout=3600, pending_timeout=3600)
+    return Manager(cfg, Runner(path="/usr/bin:/bin"), Store(tmp / "sessions.db"), Audit(tmp / "audit.jsonl"))
+
+
+async def _readiness(n: int, tmp: Path) -> list[float]:
+    """The manager's real readiness path: ``_await_ready`` re-reading a job log, marker appended
+    by another writer at a random moment; delay = marker write → READY transition (persisted)."""
+    mgr = _manager(tmp)
+    seen: dict[str, float] = {}
+    mgr.on_change.append(lambda s, old: seen.setdefault(s.id, time.perf_counter()) if s.state == State.READY
+                         else None)
+    delays = []
+    for i in range(n):
+        log_path = tmp / f"job{i}.log"
+        log_path.write_bytes(b"")
+        s = Session(user="bench", uid=65534, project="p", job_id=str(100000 + i), node="n1",
+                    instance=f"sb-bench-p-{i:06x}", log_path=str(log_path), state=State.STARTING,
+                    submitted_at=time.time(), running_at=time.time())
+        mgr._track(s)
+        task = asyncio.ensure_future(mgr._await_ready(s))
+        await asyncio.sleep(random.uniform(0.03, 0.08))  # lands anywhere in the re-read interval
+        with open(log_path, "ab") as fh:  # a job writes its lines with O_APPEND, like this
+            fh.write(b"some instance start noise\n")
+            t0 = time.perf_counter()
+            fh.write(b"INSTANCE_READY\n")
+            fh.flush()
+        await asyncio.wait_for(task, 5)
+        delays.append((seen[s.id] - t0) * 1000)
+    mgr.store.close()
+    return delays
+
+
+def readiness(n: int) -> list[Row]:
+    from broker import log as _log
+
+    _log.configure("info", open(os.devnull, "w"))  # the daemon's level, logging cost included
+    with tempfile.TemporaryDirectory(prefix="sbroker-bench-ready-") as tmp:
+        delays = asyncio.run(_readiness(n, Path(tmp)))
+    s = summary(delays)
+    log(f"readiness: median {s['median']:.1f} ms p95 {s['p95']:.1f} ms")
+    return [Row("readiness", "readiness detection delay: INSTANCE_READY line written to the job log → session "
+                "state `ready` (manager `_await_ready`, store write included)", "ms", delays, None,
+                goal="≤ 50 ms p95", met=s["p95"] <= 50, ratio=s["p95"], ratio_label="ms p95",
+                note="log re-opened and read every 20 ms (NFS-safe, no inotify); no SLURM call on this path")]
+
+
+def hashing(n: int, size_mb: int) -> list[Row]:
+    from broker.container.apptainer._integrity import verify
+
+    path = Path(f"/var/tmp/sbroker-bench-{os.getpid()}.sif")
+    try:
+        log(f"hashing: writing {size_mb} MiB to {path}")
+        block = os.urandom(1 << 20)
+        with open(path, "wb") as fh:
+            for _ in range(size_mb):
+                fh.write(block)
+        size = path.stat().st_size
+        subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)  # into the page cache
+        a, b, digests = [], [], set()
+        for i in range(n + 1):
+            order = ("a", "b") if i % 2 == 0 else ("b", "a")
+            for side in order:
+                t0 = time.perf_counter()
+                if side == "a":
+                    digests.add(verify(path)["sif"]["sha256"])
+                else:
+                    out = subprocess.run(["sha256sum", str(path)], capture_output=True, text=True, check=True)
+                    digests.add(out.stdout.split()[0])
+                mbps = size / (time.perf_counter() - t0) / 1e6
+                if i:
+                    (a if side == "a" else b).append(mbps)
+        if len(digests) != 1:
+            raise RuntimeError(f"verify and sha256sum disagree: {digests}")
+        ratio = summary(a)["median"] / summary(b)["median"]
+        log(f"hashing: verify {summary(a)['median']:.0f} MB/s sha256sum {summary(b)['median']:.0f} MB/s")
+        return [Row("verify", f"`verify` sha256 throughput vs `sha256sum` on a {size_mb} MiB file (page cache warm)",
+                    "MB/s", a, b, goal="≥ 0.95×", met=ratio >= 0.95, ratio=ratio, ratio_label="×",
+                    note="verify in-process (broker.container.apptainer.verify); sha256sum as a process")]
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def import_cost(n: int) -> list[Row]:
+    """What `sbroker login` pays before it talks to the broker: interpreter + imports."""
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+    repo = str(Path(__file__).resolve().parents[1])
+    a_argv = [PY, "-c", "import broker.cli, broker.login, broker.term"]
+    b_argv = [PY, "-c", "pass"]
+    a, b = [], []
+    for i in range(n + 2):
+        for side in ("a", "b") if i % 2 == 0 else ("b", "a"):
+            t0 = time.perf_counter()
+            subprocess.run(a_argv if side == "a" else b_argv, env=env, cwd=repo, check=True)
+            if i >= 2:
+                (a if side == "a" else b).append((time.perf_counter() - t0) * 1000)
+    added = summary(a)["median"] - summary(b)["median"]
+    out = subprocess.run([PY, "-X", "importtime", "-c", "import broker.cli, broker.login, broker.term"], env=env,
+                         cwd=repo, capture_output=True, text=True).stderr
+    top = sorted((line for line in out.splitlines() if "|" in line and "cumulative" not in line),
+                 key=lambda line: -int(line.split("|")[1]))[:5]
+    log(f"import cost: +{added:.1f} ms over bare python")
+    return [Row("import", "`sbroker login` import cost: `import broker.cli, broker.login, broker.term` vs bare "
+                "`python -c pass`", "ms", a, b, goal="(no goal; small)", met=None, ratio=added,
+                ratio_label="ms added (median)", extra={"importtime_top": top})]

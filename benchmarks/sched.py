@@ -1,0 +1,133 @@
+"""Scheduler load: the broker's one batched ``squeue`` per cycle vs one ``squeue -j`` per session."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from broker.audit import Audit
+from broker.config import Config
+from broker.manager import Manager
+from broker.session import Session, State
+from broker.slurm.runner import Runner
+from broker.store import Store
+from tests.cluster import config as tb
+
+from . import bed
+from .common import Row, log
+
+CYCLE = 1.0
+_RPC_RE = re.compile(r"^\s+(\S+)\s+\(\s*\d+\)\s+count:(\d+)")
+
+
+def sdiag_reset() -> None:
+    bed.slurm("sdiag", "--reset")
+
+
+def sdiag_rpcs() -> dict[str, int]:
+    """RPC counts by message type since the last reset (``sdiag`` as root)."""
+    out = bed.slurm("sdiag").stdout
+    counts: dict[str, int] = {}
+    section = False
+    for line in out.splitlines():
+        if line.startswith("Remote Procedure Call statistics by message type"):
+            section = True
+            continue
+        if line.startswith("Remote Procedure Call statistics by user"):
+            break
+        m = _RPC_RE.match(line) if section else None
+        if m:
+            counts[m.group(1)] = int(m.group(2))
+    return counts
+
+
+def submit_held(n: int) -> list[str]:
+    """N tiny held jobs (pending, never started: no slurmstepd, no CPU) as the admin user."""
+    script = (f"for i in $(seq {n}); do sbatch --parsable --hold --mem=10M -n1 -t 10 -J sbbench-load "
+              "-o /dev/null --wrap 'sleep 600' || exit 1; done")
+    out = bed.as_user(tb.ADMIN, "bash", "-c", script, timeout=600).stdout
+    return [line.split(";")[0] for line in out.split()]
+
+
+async def _broker_window(job_ids: list[str], seconds: float, tmp: Path) -> int:
+    cfg = Config(image="/nonexistent.sif", state_dir=tmp, poll_interval=CYCLE, slurm_conf=str(tb.SLURM_CONF),
+                 path=bed.PATH, gone_grace=3600)
+    runner = Runner(path=bed.PATH, slurm_conf=str(tb.SLURM_CONF))
+    mgr = Manager(cfg, runner, Store(tmp / "sessions.db"), Audit(tmp / "audit.jsonl"))
+    for i, job_id in enumerate(job_ids):
+        s = Session(user=tb.ADMIN, uid=0, project=f"p{i}", job_id=job_id, instance=f"sb-x-p{i}-000000",
+                    state=State.READY, node="n")
+        mgr._track(s)
+    task = asyncio.ensure_future(mgr.run_poller())
+    await asyncio.sleep(seconds)
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    mgr.store.close()
+    return runner.calls["squeue"]
+
+
+async def _peer_window(job_ids: list[str], seconds: float) -> int:
+    """One ``squeue -j ID`` per session per cycle (batchspawner's query), one at a time."""
+    env = tb.slurm_env({"PATH": "/usr/bin:/bin"})
+    calls = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        cycle_start = time.monotonic()
+        for job_id in job_ids:
+            if time.monotonic() >= end:
+                break
+            proc = await asyncio.create_subprocess_exec("squeue", "-h", "-j", job_id, "-o", "%T %B", env=env,
+                                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            await proc.wait()
+            calls += 1
+        await asyncio.sleep(max(0.0, CYCLE - (time.monotonic() - cycle_start)))
+    return calls
+
+
+def _rpc_total(counts: dict[str, int]) -> int:
+    return sum(v for k, v in counts.items() if k != "REQUEST_STATS_INFO")
+
+
+def scheduler_load(ns: list[int], seconds: float) -> list[Row]:
+    from broker import log as _log
+
+    _log.configure("warning")
+    ids = submit_held(max(ns))
+    log(f"scheduler load: {len(ids)} held jobs submitted")
+    rows = []
+    per_min = 60.0 / seconds
+    try:
+        for k, n in enumerate(ns):
+            result = {}
+            for side in ("broker", "peer") if k % 2 == 0 else ("peer", "broker"):
+                sdiag_reset()
+                with tempfile.TemporaryDirectory(prefix="sbroker-bench-sched-") as tmp:
+                    if side == "broker":
+                        calls = asyncio.run(_broker_window(ids[:n], seconds, Path(tmp)))
+                    else:
+                        calls = asyncio.run(_peer_window(ids[:n], seconds))
+                rpcs = sdiag_rpcs()
+                result[side] = (calls * per_min, _rpc_total(rpcs) * per_min, rpcs)
+            cycles = seconds / CYCLE
+            b_sq, b_rpc, b_detail = result["broker"]
+            p_sq, p_rpc, p_detail = result["peer"]
+            per_cycle = b_sq / per_min / cycles
+            rows.append(Row("sched", f"scheduler load, N = {n} tracked sessions: `squeue` calls per minute "
+                            f"(broker poller vs per-session loop), {CYCLE:g} s cycle", "calls/min", [b_sq], [p_sq],
+                            goal="1 query per cycle, flat in N", met=b_sq / per_min <= cycles * 1.15 + 1,
+                            ratio=per_cycle, ratio_label="broker squeue per cycle",
+                            note=f"controller RPCs/min (sdiag): broker {b_rpc:.0f}, per-session loop {p_rpc:.0f}",
+                            extra={"n_sessions": n, "window_s": seconds, "rpc_per_min": {"broker": b_rpc,
+                                   "peer": p_rpc}, "rpc_by_type": {"broker": b_detail, "peer": p_detail}}))
+            log(f"sched N={n}: broker {b_sq:.0f} squeue/min {b_rpc:.0f} rpc/min; peer {p_sq:.0f} squeue/min "
+                f"{p_rpc:.0f} rpc/min")
+    finally:
+        bed.as_user(tb.ADMIN, "scancel", "--name=sbbench-load", check=False)
+    return rows
