@@ -70,24 +70,23 @@ def _check_str(field: str, value: object) -> str:
     return value
 
 
-def validate_name(value: object, field: str = "name", *, max_length: int = MAX_NAME_LENGTH) -> str:
-    """Check a generic identifier against :data:`NAME_PATTERN` and a length bound."""
+def _match(field: str, value: object, pattern: re.Pattern[str], max_length: int) -> str:
     text = _check_str(field, value)
-    if not _NAME_RE.fullmatch(text):
-        raise _fail(field, f"must match {NAME_PATTERN}", text)
+    if not pattern.fullmatch(text):
+        raise _fail(field, f"must match {pattern.pattern}", text)
     if len(text) > max_length:
         raise _fail(field, f"must be at most {max_length} characters", text)
     return text
 
 
+def validate_name(value: object, field: str = "name", *, max_length: int = MAX_NAME_LENGTH) -> str:
+    """Check a generic identifier against :data:`NAME_PATTERN` and a length bound."""
+    return _match(field, value, _NAME_RE, max_length)
+
+
 def validate_username(value: object, field: str = "username") -> str:
     """A login name: used in ``/home/<user>``, ``--env USER=…`` and ``sed`` inside the shell."""
-    text = _check_str(field, value)
-    if not _USERNAME_RE.fullmatch(text):
-        raise _fail(field, f"must match {USERNAME_PATTERN}", text)
-    if len(text) > MAX_USERNAME_LENGTH:
-        raise _fail(field, f"must be at most {MAX_USERNAME_LENGTH} characters", text)
-    return text
+    return _match(field, value, _USERNAME_RE, MAX_USERNAME_LENGTH)
 
 
 def validate_slug(value: object, field: str = "project_slug") -> str:

@@ -73,36 +73,58 @@ def _image_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _image_list(args: argparse.Namespace) -> int:
-    from .apptainer import list_versions
+def _lister(func_name: str, columns: Sequence[str], empty: str) -> Handler:
+    def handler(args: argparse.Namespace) -> int:
+        from . import apptainer
 
-    rows = list_versions(_dir(args))
-    _emit(args, rows, lambda r: _table(_mark_active(r), ("active", "version", "size", "date", "path"), "no versioned images"))
-    return 0
+        rows = getattr(apptainer, func_name)(_dir(args))
+        _emit(args, rows, lambda r: _table(_mark_active(r), columns, empty))
+        return 0
 
-
-def _image_switch(args: argparse.Namespace) -> int:
-    from .apptainer import switch_version
-
-    switch_version(args.version, _dir(args), use_sudo=args.sudo)
-    _emit(args, {"active": args.version}, lambda d: f"active version: {d['active']}")
-    return 0
+    return handler
 
 
-def _image_rollback(args: argparse.Namespace) -> int:
-    from .apptainer import rollback
+def _switcher(func_name: str, label: str) -> Handler:
+    def handler(args: argparse.Namespace) -> int:
+        from . import apptainer
 
-    version = rollback(_dir(args), use_sudo=args.sudo)
-    _emit(args, {"active": version}, lambda d: f"rolled back to {d['active']}")
-    return 0
+        getattr(apptainer, func_name)(args.version, _dir(args), use_sudo=args.sudo)
+        _emit(args, {"active": args.version}, lambda d: f"active {label}: {d['active']}")
+        return 0
+
+    return handler
 
 
-def _image_cleanup(args: argparse.Namespace) -> int:
-    from .apptainer import cleanup
+def _roller(func_name: str, label: str) -> Handler:
+    def handler(args: argparse.Namespace) -> int:
+        from . import apptainer
 
-    removed = [str(p) for p in cleanup(_dir(args), keep=args.keep)]
-    _emit(args, {"removed": removed}, lambda d: "\n".join(f"removed {p}" for p in d["removed"]) or "nothing to remove")
-    return 0
+        version = getattr(apptainer, func_name)(_dir(args), use_sudo=args.sudo)
+        _emit(args, {"active": version}, lambda d: f"rolled back to {label} {d['active']}")
+        return 0
+
+    return handler
+
+
+def _cleaner(func_name: str) -> Handler:
+    def handler(args: argparse.Namespace) -> int:
+        from . import apptainer
+
+        removed = [str(p) for p in getattr(apptainer, func_name)(_dir(args), keep=args.keep)]
+        _emit(args, {"removed": removed}, lambda d: "\n".join(f"removed {p}" for p in d["removed"]) or "nothing to remove")
+        return 0
+
+    return handler
+
+
+_image_list = _lister("list_versions", ("active", "version", "size", "date", "path"), "no versioned images")
+_image_switch = _switcher("switch_version", "version")
+_image_rollback = _roller("rollback", "version")
+_image_cleanup = _cleaner("cleanup")
+_sandbox_list = _lister("list_sandboxes", ("active", "version", "date", "path"), "no sandboxes")
+_sandbox_switch = _switcher("switch_sandbox", "sandbox")
+_sandbox_rollback = _roller("rollback_sandbox", "sandbox")
+_sandbox_cleanup = _cleaner("cleanup_sandboxes")
 
 
 def _verify_text(report: dict[str, Any]) -> str:
@@ -143,38 +165,6 @@ def _sandbox_create(args: argparse.Namespace) -> int:
 
     path = sandbox_create(args.source, args.dir, output_dir=args.output_dir)
     _emit(args, {"path": str(path)}, lambda d: d["path"])
-    return 0
-
-
-def _sandbox_list(args: argparse.Namespace) -> int:
-    from .apptainer import list_sandboxes
-
-    rows = list_sandboxes(_dir(args))
-    _emit(args, rows, lambda r: _table(_mark_active(r), ("active", "version", "date", "path"), "no sandboxes"))
-    return 0
-
-
-def _sandbox_switch(args: argparse.Namespace) -> int:
-    from .apptainer import switch_sandbox
-
-    switch_sandbox(args.version, _dir(args), use_sudo=args.sudo)
-    _emit(args, {"active": args.version}, lambda d: f"active sandbox: {d['active']}")
-    return 0
-
-
-def _sandbox_rollback(args: argparse.Namespace) -> int:
-    from .apptainer import rollback_sandbox
-
-    version = rollback_sandbox(_dir(args), use_sudo=args.sudo)
-    _emit(args, {"active": version}, lambda d: f"rolled back to sandbox {d['active']}")
-    return 0
-
-
-def _sandbox_cleanup(args: argparse.Namespace) -> int:
-    from .apptainer import cleanup_sandboxes
-
-    removed = [str(p) for p in cleanup_sandboxes(_dir(args), keep=args.keep)]
-    _emit(args, {"removed": removed}, lambda d: "\n".join(f"removed {p}" for p in d["removed"]) or "nothing to remove")
     return 0
 
 

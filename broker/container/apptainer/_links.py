@@ -15,7 +15,7 @@ from pathlib import Path
 from .._files import temp_sibling
 from .._proc import run, sudo_prefix
 
-__all__ = ["replace_symlink"]
+__all__ = ["replace_symlink", "switch_link"]
 
 
 def replace_symlink(link: Path, target: str, *, use_sudo: bool = False) -> None:
@@ -42,3 +42,11 @@ def replace_symlink(link: Path, target: str, *, use_sudo: bool = False) -> None:
     except RuntimeError:
         run([*sudo, "rm", "-f", str(tmp)], check=False)
         raise
+
+
+def switch_link(link: Path, target: str, what: str, *, use_sudo: bool) -> None:
+    """Point ``link`` at ``target``, or raise ``RuntimeError("Failed to switch to <what>: …")``."""
+    try:
+        replace_symlink(link, target, use_sudo=use_sudo)
+    except RuntimeError as exc:
+        raise RuntimeError(f"Failed to switch to {what}: {exc}") from exc

@@ -112,7 +112,7 @@ def sandbox_configure_ps1(sandbox_dir: str | os.PathLike[str], default_ps1: str 
     line = ps1_line(default_ps1)
     lines = env_file.read_text(encoding="utf-8").splitlines()
     replaced = [line if _PS1_LINE_RE.match(old) else old for old in lines]
-    if replaced == lines and not any(_PS1_LINE_RE.match(old) for old in lines):
+    if not any(_PS1_LINE_RE.match(old) for old in lines):
         replaced += ["", line]
     atomic_write_text(env_file, "\n".join(replaced) + "\n", mode=env_file.stat().st_mode & 0o7777)
 

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from .._files import format_date, newest_first
-from ._links import replace_symlink
+from ._links import switch_link
 from ._versioning import beyond_keep, previous_version
 
 __all__ = [
@@ -73,10 +73,7 @@ def switch_sandbox(version: str, containers_dir: str | Path, use_sudo: bool = Fa
     name = f"sandbox-{version}"
     if not (directory / name).is_dir():
         raise FileNotFoundError(f"Sandbox {version} not found: {directory / name}")
-    try:
-        replace_symlink(directory / CURRENT_SANDBOX_LINK, name, use_sudo=use_sudo)
-    except RuntimeError as exc:
-        raise RuntimeError(f"Failed to switch to sandbox {version}: {exc}") from exc
+    switch_link(directory / CURRENT_SANDBOX_LINK, name, f"sandbox {version}", use_sudo=use_sudo)
 
 
 def rollback_sandbox(containers_dir: str | Path, use_sudo: bool = False) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .._files import format_date, human_size, newest_first, temp_sibling
 from .._proc import run, sudo_prefix
-from ._links import replace_symlink
+from ._links import switch_link
 
 __all__ = [
     "VERSIONED_SIF_RE",
@@ -104,10 +104,7 @@ def switch_version(version: str, containers_dir: str | Path, use_sudo: bool = Fa
     name = _sif_name(version)
     if not (directory / name).exists():
         raise FileNotFoundError(f"Version {version} not found: {directory / name}")
-    try:
-        replace_symlink(directory / CURRENT_LINK, name, use_sudo=use_sudo)
-    except RuntimeError as exc:
-        raise RuntimeError(f"Failed to switch to version {version}: {exc}") from exc
+    switch_link(directory / CURRENT_LINK, name, f"version {version}", use_sudo=use_sudo)
 
 
 def previous_version(active: str | None, ordered: list[str], what: str) -> str:
