@@ -1,9 +1,9 @@
 """``image`` and ``host`` command groups (argparse, stdlib only).
 
 Why a ``register`` function: the ``sbroker`` CLI owns the top-level parser; this module
-only adds its two groups.  Every command's parser sets ``func`` to a handler taking the
-parsed namespace and returning an exit code, so the caller dispatches with
-``return args.func(args)``.  Standalone: ``python -m broker.container.cli image --help``.
+only adds its two groups.  Every command's parser sets ``func`` and ``handler`` (the
+same callable) to a function taking the parsed namespace and returning an exit code, so
+the caller dispatches with ``return args.handler(args)``.  Standalone: ``python -m broker.container.cli image --help``.
 
 Errors (bad input, missing tools, failed operations) print one ``error: …`` line to
 stderr and exit 1; ``image verify`` also exits 1 when verification fails.
@@ -207,8 +207,32 @@ def _command(group: Any, name: str, handler: Handler, help_text: str, descriptio
         description=description or help_text,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.set_defaults(func=handler)
+    guarded = _guarded(handler)
+    parser.set_defaults(func=guarded, handler=guarded)
     return parser
+
+
+def _guarded(handler: Handler) -> Handler:
+    """Turn expected errors into one ``error: …`` line on stderr and exit code 1."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return int(handler(args))
+        except (ValueError, OSError, RuntimeError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+def _help_only(parser: argparse.ArgumentParser) -> None:
+    """A group called without a command prints its help and exits 2."""
+
+    def show(_args: argparse.Namespace) -> int:
+        parser.print_help()
+        return 2
+
+    parser.set_defaults(func=show, handler=show)
 
 
 def _add_json(parser: argparse.ArgumentParser) -> None:
@@ -237,7 +261,7 @@ def _register_image(subparsers: Any) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    image.set_defaults(func=lambda _args: (image.print_help(), 2)[1])
+    _help_only(image)
     group = image.add_subparsers(title="commands", metavar="COMMAND")
 
     p = _command(
@@ -306,7 +330,7 @@ def _register_image(subparsers: Any) -> None:
         help="writable sandbox directories (create, list, switch, rollback, cleanup)",
         description="Manage sandbox-YYYYMMDD_HHMMSS/ directories and the current-sandbox link.",
     )
-    sandbox.set_defaults(func=lambda _args: (sandbox.print_help(), 2)[1])
+    _help_only(sandbox)
     sgroup = sandbox.add_subparsers(title="commands", metavar="COMMAND")
     p = _command(sgroup, "create", _sandbox_create, "build a timestamped sandbox from a SIF or .def and activate it")
     p.add_argument("source", metavar="SOURCE", help=".sif or .def to build from")
@@ -337,7 +361,7 @@ def _register_host(subparsers: Any) -> None:
         help="host packages containers borrow read-only (TeX Live, ImageMagick)",
         description="Check or install host packages that session containers mount read-only.",
     )
-    host.set_defaults(func=lambda _args: (host.print_help(), 2)[1])
+    _help_only(host)
     group = host.add_subparsers(title="commands", metavar="COMMAND")
     p = _command(group, "check", _host_check, "report which host packages are installed")
     _add_json(p)
@@ -370,15 +394,6 @@ def build_parser(prog: str = "sbroker") -> argparse.ArgumentParser:
     return parser
 
 
-def run_handler(args: argparse.Namespace) -> int:
-    """Call ``args.func`` turning expected errors into ``error: …`` + exit code 1."""
-    try:
-        return int(args.func(args))
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser("python -m broker.container.cli")
     args = parser.parse_args(argv)
@@ -389,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
-    return run_handler(args)
+    return int(args.func(args))
 
 
 if __name__ == "__main__":
