@@ -47,7 +47,8 @@ def test_register_into_a_foreign_parser() -> None:
     cli.register(parser.add_subparsers())
     args = parser.parse_args(["image", "cleanup", "--keep", "2", "-d", "/x", "--json"])
     assert (args.keep, args.dir, args.json) == (2, "/x", True) and args.handler is args.func
-    assert args.handler(args) == 1  # /x has no images: guarded error, not a traceback
+    failing = parser.parse_args(["image", "switch", "9.9", "-d", "/nonexistent"])
+    assert failing.handler(failing) == 1  # a guarded one-line error, not a traceback
 
 
 def test_list_switch_rollback_cleanup(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
