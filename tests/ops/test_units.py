@@ -248,3 +248,32 @@ def test_daemon_sends_ready_and_watchdog_over_a_real_notify_socket(tmp_path):
             proc.kill()
             proc.wait()
         sock.close()
+
+
+# ---------------------------------------------------------------- docs
+
+def test_admin_docs_list_every_config_key_with_its_default():
+    import re
+
+    from broker.config import _FIELDS, Config
+
+    text = (REPO / "docs" / "admin.md").read_text()
+    defaults = Config()
+    for section, key, attr, _kind in _FIELDS:
+        match = re.search(rf"### `\[{section}\]`\n(.*?)(?:\n### |\Z)", text, re.S)
+        assert match, f"docs/admin.md: no table for [{section}]"
+        row = re.search(rf"^\| `{key}` \| ([^|]+) \|", match.group(1), re.M)
+        assert row, f"docs/admin.md: [{section}] {key} is not documented"
+        if attr == "image":
+            continue
+        default = getattr(defaults, attr)
+        shown = row.group(1)
+        if isinstance(default, bool):
+            assert str(default).lower() in shown, (section, key, shown)
+        elif isinstance(default, (int, float)) and not isinstance(default, bool):
+            number = f"{int(default)}" if float(default).is_integer() else f"{default}"
+            assert re.search(rf"`{number}(\.0)?`", shown), (section, key, shown)
+        elif isinstance(default, tuple):
+            assert ("[]" in shown) if not default else all(str(v) in shown for v in default), (section, key, shown)
+        else:
+            assert f'"{default}"' in shown, (section, key, shown)
