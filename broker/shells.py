@@ -25,9 +25,11 @@ def safe_term(term: str | None) -> str:
 
 
 def _identity(user: str, project: str, term: str) -> list[str]:
+    # No HOME here: apptainer sets it from the home bind and refuses ``--env HOME``
+    # with a warning on stderr of every command (the shell entry exports it anyway).
     user = validate_username(user)
     project = validate_slug(project, "project")
-    pairs = (f"TERM={safe_term(term)}", f"USER={user}", f"LOGNAME={user}", f"HOME=/home/{user}",
+    pairs = (f"TERM={safe_term(term)}", f"USER={user}", f"LOGNAME={user}",
              "SHELL=/bin/bash", f"PATH={CONTAINER_PATH}", f"SCITEX_USER={user}", f"SCITEX_PROJECT={project}",
              f"SBROKER_PROJECT={project}")
     out: list[str] = []
@@ -55,7 +57,10 @@ def command_argv(job_id: str, instance: str, user: str, project: str, command: s
         inner = [SFTP_SERVER, *words[1:]]
     else:
         inner = ["/bin/bash", "-c", command]
-    return ["srun", "--overlap", *(["--pty"] if tty else []), "--quiet", f"--jobid={validate_job_id(job_id)}",
+    # --unbuffered: without it slurmstepd holds task output until a newline, which
+    # stalls every binary protocol (sftp, scp, rsync) waiting for a reply.
+    return ["srun", "--overlap", *(["--pty"] if tty else ["--unbuffered"]), "--quiet",
+            f"--jobid={validate_job_id(job_id)}",
             "apptainer", "exec", *_identity(user, project, term or ""),
             "--pwd", f"/home/{validate_username(user)}",
             f"instance://{validate_instance_name(instance)}", *inner]
