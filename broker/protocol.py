@@ -45,7 +45,7 @@ MAX_DATA = 64 * 1024
 #: Operations a client may request, and whether each needs the admin group for
 #: sessions it does not own (ownership is checked in the daemon, not here).
 OPS = frozenset(
-    ("ensure", "attach", "list", "show", "kill", "logs", "events", "ping")
+    ("ensure", "attach", "list", "show", "kill", "logs", "events", "ping", "reap")
 )
 
 DEFAULT_SOCKET = "/run/sbroker/broker.sock"

@@ -45,5 +45,5 @@ def test_full_disk_for_audit_log_is_reported_not_fatal(start_broker, full_fs):
     sbroker(ALICE, "kill", session["id"])
     wait_for(lambda: not jobs_of(ALICE), 30, "the job to end")
     assert metric_samples()[("sbroker_audit_write_failures_total", ())] > failures
-    assert sbroker_json(ALICE, "ls") == []
+    wait_for(lambda: sbroker_json(ALICE, "ls") == [], 15, "the session to end")
     assert sbroker(ALICE, "events", "--json").stdout == ""

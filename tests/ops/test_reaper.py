@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -78,7 +79,9 @@ def test_dry_run_reports_and_removes_nothing(leftovers):
     report = json.loads(sbroker(tb.ADMIN, "reap", "--dry-run", "--json").stdout)
     assert report["dry_run"] is True
     assert [j["job_id"] for j in report["orphan_jobs"]] == [leftovers["job_id"]]
-    assert [i["instance"] for i in report["stale_instances"]] == [GHOST]
+    # (other runs may have left their own stale sb-* dirs: those are fair game too)
+    assert GHOST in [i["instance"] for i in report["stale_instances"]]
+    assert "my-own-instance" not in [i["instance"] for i in report["stale_instances"]]
     assert sorted(f["path"] for f in report["old_job_files"]) == sorted(str(p) for p in leftovers["old"])
     assert [j["job_id"] for j in jobs_of(ALICE)] == [leftovers["job_id"]]
     assert leftovers["ghost"].exists() and all(p.exists() for p in leftovers["old"])
@@ -86,7 +89,7 @@ def test_dry_run_reports_and_removes_nothing(leftovers):
 
 def test_reap_removes_leftovers_keeps_the_rest_and_reports(leftovers):
     result = sbroker(tb.ADMIN, "reap")
-    assert "1 orphan jobs, 1 stale instance dirs, 2 old job files" in result.stdout, result.stdout
+    assert re.search(r"reap: 1 orphan jobs, \d+ stale instance dirs, 2 old job files", result.stdout), result.stdout
     assert f"orphan job {leftovers['job_id']}" in result.stdout
     wait_for(lambda: not jobs_of(ALICE), 30, "the orphan job to be cancelled")
     assert not leftovers["ghost"].exists()
@@ -95,7 +98,7 @@ def test_reap_removes_leftovers_keeps_the_rest_and_reports(leftovers):
     assert all(p.exists() for p in leftovers["fresh"])
     reaps = [e for e in audit_entries() if e["event"] == "reap" and not e["dry_run"]]
     assert reaps and reaps[-1]["orphan_jobs"] == 1 and reaps[-1]["jobs"] == [leftovers["job_id"]]
-    assert reaps[-1]["stale_instances"] == 1 and reaps[-1]["old_job_files"] == 2
+    assert str(leftovers["ghost"]) in reaps[-1]["instances"] and reaps[-1]["old_job_files"] == 2
     kill = [e for e in audit_entries() if e["event"] == "kill" and e.get("job_id") == leftovers["job_id"]]
     assert kill and kill[0]["by"] == "sbroker"
     # A second pass finds nothing.
