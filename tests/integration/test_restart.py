@@ -119,3 +119,29 @@ def test_controller_outage_marks_unknown_never_ends_and_recovers(cluster):
     finally:
         proc.stop()
         reset_state()
+
+
+def test_lost_store_readopts_tagged_job_without_second_allocation(cluster):
+    """The store is lost (disk replaced, another login node): the job's tags in SLURM bring the
+    session back, ready, and no second job is submitted."""
+    from .daemon import STATE_DIR
+
+    reset_state()
+    proc = BrokerProcess()
+    proc.start()
+    try:
+        before = tagged_jobs(ALICE)
+        session = ensure_as(ALICE, "tagged")["session"]
+        proc.stop()
+        (STATE_DIR / "sessions.db").unlink()
+        for extra in ("sessions.db-wal", "sessions.db-shm"):
+            (STATE_DIR / extra).unlink(missing_ok=True)
+        proc.start()
+        again = ensure_as(ALICE, "tagged")["session"]
+        assert again["job_id"] == session["job_id"]
+        assert again["instance"] == session["instance"]
+        assert again["state"] == "ready"
+        assert tagged_jobs(ALICE) - before == {session["job_id"]}
+    finally:
+        proc.stop()
+        reset_state()
