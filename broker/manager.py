@@ -43,6 +43,9 @@ MARKER_READY = "INSTANCE_READY"
 MARKER_FAILED = "INSTANCE_FAILED"
 READ_INTERVAL = 0.02
 FAST_POLL = 0.5
+#: An ``ending`` session whose job SLURM still reports active gets ``scancel`` again after
+#: this long (the first one failed, or the broker died between ``ending`` and ``scancel``).
+CANCEL_RETRY = 5.0
 _END_STATES = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
                "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "COMPLETING", "SPECIAL_EXIT", "REVOKED"}
 
@@ -68,6 +71,7 @@ class Manager:
         self._inflight: dict[tuple[str, str], asyncio.Task[Session]] = {}
         self._listeners: dict[str, set[Callable[[dict[str, Any]], None]]] = defaultdict(set)
         self._absent_since: dict[str, float] = {}
+        self._cancel_sent: dict[str, float] = {}
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.controller_ok = True
@@ -101,6 +105,7 @@ class Manager:
                       job_id=session.job_id, instance=session.instance, old=old.value, new=new.value,
                       reason=session.reason)
         if new in TERMINAL:
+            self._cancel_sent.pop(session.job_id, None)
             if self.by_key.get(session.key) is session:
                 del self.by_key[session.key]
             self.audit.record("session_" + new.value, user=session.user, project=session.project,
@@ -265,6 +270,7 @@ class Manager:
     async def _scancel(self, session: Session) -> None:
         if not session.job_id:
             return
+        self._cancel_sent[session.job_id] = time.time()
         try:
             owner = lookup_name(session.user)
         except UnknownUser:
@@ -360,6 +366,10 @@ class Manager:
             return
         self._absent_since.pop(session.job_id, None)
         state = info.state
+        if (session.state == State.ENDING and info.active
+                and now - self._cancel_sent.get(session.job_id, 0.0) > CANCEL_RETRY):
+            self.log.warning("scancel_again", session=session.id, job_id=session.job_id, job_state=state)
+            self._spawn(self._scancel(session))
         if info.nodes and info.nodes != "(null)":
             session.node = info.nodes
         session.time_left = info.time_left

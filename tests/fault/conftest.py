@@ -1,0 +1,204 @@
+"""Helpers for the fault and security suite (real cluster unless a test says otherwise).
+
+Gates: to stop the broker *inside* a given step deterministically, the broker and its
+jobs get a PATH whose first directory (:data:`GATE_BIN`) holds small wrappers around
+``sbatch``, ``squeue``, ``scancel`` and ``apptainer``. A wrapper waits while its gate file
+under :data:`GATE_DIR` exists and then runs the real program. A wrapper whose parent
+(the broker) died while it waited exits without running the command, so a ``kill -9``
+during a gated step leaves the world exactly as if the broker had died at that point.
+The ``sbatch`` gate is after the real submission (job exists, broker never hears its
+id); the ``apptainer`` gate only holds ``instance start`` (the job is RUNNING, no marker).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cluster import config as tb
+from tests.integration.daemon import LOG_PATH, SOCKET, STATE_DIR, BrokerProcess, reset_state
+
+ALICE, BOB = tb.USERS
+GATE_BIN = Path("/run/sbroker-fault/bin")
+GATE_DIR = Path("/run/sbroker-fault/gates")
+REAL = {"sbatch": shutil.which("sbatch") or "/usr/bin/sbatch",
+        "squeue": shutil.which("squeue") or "/usr/bin/squeue",
+        "scancel": shutil.which("scancel") or "/usr/bin/scancel",
+        "apptainer": str(tb.BIN / "apptainer")}
+GATE_MAX_WAIT = 120
+
+_WRAPPER = r"""#!/bin/bash
+# sbroker fault-suite gate wrapper for {name} (tests/fault/conftest.py)
+gate={gate_dir}/{name}
+parent=$PPID
+wait_gate() {{
+    local n=0
+    while [ -e "$gate" ] && [ "$n" -lt {max_ticks} ]; do
+        sleep 0.05; n=$((n + 1))
+        if [ "$(ps -o ppid= -p $$ | tr -d ' ')" != "$parent" ]; then exit 99; fi
+    done
+}}
+{body}
+"""
+_BODIES = {
+    "squeue": 'wait_gate\nexec {real} "$@"',
+    "scancel": 'wait_gate\nexec {real} "$@"',
+    # after the real submission: the job exists, its id reaches the broker only after the gate
+    "sbatch": 'out=$({real} "$@"); rc=$?\nwait_gate\nprintf "%s\\n" "$out"\nexit $rc',
+    # only `instance start` is held (inside the job: the parent is the start script)
+    "apptainer": 'if [ "$1 $2" = "instance start" ]; then wait_gate; fi\nexec {real} "$@"',
+}
+
+
+def install_gates() -> None:
+    GATE_BIN.mkdir(parents=True, exist_ok=True)
+    GATE_DIR.mkdir(parents=True, exist_ok=True)
+    os.chmod(GATE_BIN.parent, 0o755)
+    os.chmod(GATE_BIN, 0o755)
+    os.chmod(GATE_DIR, 0o755)
+    for name, body in _BODIES.items():
+        path = GATE_BIN / name
+        path.write_text(_WRAPPER.format(name=name, gate_dir=GATE_DIR, max_ticks=GATE_MAX_WAIT * 20,
+                                        body=body.format(real=REAL[name])))
+        os.chmod(path, 0o755)
+
+
+def gate_path() -> str:
+    return f"{GATE_BIN}:{tb.BIN}:/usr/local/bin:/usr/bin:/bin"
+
+
+def close_gate(name: str) -> None:
+    (GATE_DIR / name).touch()
+
+
+def open_gate(name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        (GATE_DIR / name).unlink()
+
+
+def open_all_gates() -> None:
+    for name in _BODIES:
+        open_gate(name)
+
+
+# ------------------------------------------------------------------ SLURM / store views
+
+def squeue(*args: str) -> str:
+    return subprocess.run([REAL["squeue"], "--noheader", *args], capture_output=True, text=True,
+                          env=tb.slurm_env(), timeout=30).stdout
+
+
+def active_tagged_jobs() -> list[dict[str, str]]:
+    """Every broker-tagged job of the test users that SLURM has in an active state."""
+    out = squeue("--states=PENDING,RUNNING,CONFIGURING,SUSPENDED,REQUEUED", "-u", ",".join(tb.USERS),
+                 "-o", "%i|%T|%u|%k")
+    jobs = []
+    for line in out.splitlines():
+        job_id, state, user, comment = (x.strip() for x in line.split("|", 3))
+        if not comment.startswith("sbroker/v1"):
+            continue
+        tags = dict(w.split("=", 1) for w in comment.split()[1:] if "=" in w)
+        jobs.append({"job_id": job_id, "state": state, "user": user, **tags})
+    return jobs
+
+
+def steps_of(job_id: str) -> list[str]:
+    return [s.strip() for s in squeue("-s", "-j", job_id, "-o", "%i").splitlines() if s.strip()]
+
+
+def store_rows() -> dict[str, dict]:
+    """Every session document in the broker's SQLite store (read-only, WAL-safe)."""
+    db = STATE_DIR / "sessions.db"
+    if not db.exists():
+        return {}
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        return {r[0]: json.loads(r[1]) for r in con.execute("SELECT id, doc FROM sessions")}
+    finally:
+        con.close()
+
+
+def instances_of(user: str) -> set[str]:
+    """Instance names the apptainer (stand-in) state of ``user`` lists on this host."""
+    res = subprocess.run(tb.as_user(user, REAL["apptainer"], "instance", "list", "--json"),
+                         capture_output=True, text=True, cwd="/", timeout=30)
+    assert res.returncode == 0, res.stderr
+    return {i["instance"] for i in json.loads(res.stdout or "{}").get("instances", [])}
+
+
+def wait_for(pred, timeout: float, interval: float = 0.1, what="condition"):
+    """Poll ``pred`` until truthy; ``what`` (text, or a callable giving it) explains a timeout."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = pred()
+        if last:
+            return last
+        time.sleep(interval)
+    what = what() if callable(what) else what
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last: {last!r})")
+
+
+def broker_log_since(offset: int) -> str:
+    with open(LOG_PATH, "rb") as fh:
+        fh.seek(offset)
+        return fh.read().decode(errors="replace")
+
+
+def log_offset() -> int:
+    try:
+        return LOG_PATH.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+PEER = Path(__file__).with_name("peer.py")
+
+
+def peer_argv(user: str, *args: str) -> list[str]:
+    return ["runuser", "-u", user, "--", "/usr/bin/python3", str(PEER), str(SOCKET), *args]
+
+
+def request_as(user: str, message: dict | str, timeout: float = 60) -> list[dict]:
+    """Send one request (a dict, or raw JSON text sent verbatim) as ``user``; all replies."""
+    raw = message if isinstance(message, str) else json.dumps(message)
+    res = subprocess.run(peer_argv(user, "request", raw), capture_output=True, text=True, timeout=timeout,
+                         cwd="/")
+    assert res.returncode == 0, res.stderr
+    return [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
+
+
+def scontrol(*args: str) -> None:
+    subprocess.run(["scontrol", *args], check=True, env=tb.slurm_env(), capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def fresh(cluster) -> Iterator[None]:
+    """Empty state dir, no test jobs, gates open before and after."""
+    install_gates()
+    open_all_gates()
+    reset_state()
+    yield
+    open_all_gates()
+    reset_state()
+
+
+@pytest.fixture
+def gated_broker(fresh) -> Iterator[BrokerProcess]:
+    proc = BrokerProcess(slurm_path=gate_path(), slurm_poll_interval=0.5, slurm_gone_grace=1.0)
+    proc.start()
+    yield proc
+    open_all_gates()
+    proc.stop()
+
+
+__all__ = ["ALICE", "BOB", "SOCKET", "STATE_DIR", "BrokerProcess"]
