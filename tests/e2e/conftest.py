@@ -1,0 +1,66 @@
+"""Fixtures for end-to-end tests: real ``ssh``/``scp``/``sftp``/``rsync``/asyncssh/pexpect
+through the test bed's loopback sshd (ForceCommand ``sbroker login``) into real SLURM.
+
+The broker is the real daemon (``tests.integration.daemon.BrokerProcess``), one per module,
+with an empty state dir and no leftover jobs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.cluster import config as tb
+from tests.integration.daemon import SOCKET, BrokerProcess, reset_state
+
+ALICE, BOB = tb.USERS
+PROMPT = "E2E-PROMPT> "
+PROMPT_RE = re.compile(rb"E2E-PROMPT> ")
+
+
+@pytest.fixture(scope="module")
+def broker(cluster) -> Iterator[BrokerProcess]:
+    reset_state()
+    proc = BrokerProcess()
+    proc.start()
+    yield proc
+    proc.stop()
+    reset_state()
+
+
+def ssh(user: str, *remote: str, input: bytes | None = None, env: dict[str, str] | None = None,
+        opts: tuple[str, ...] = (), timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
+    """Run real ``ssh USER@host REMOTE...`` (no tty); bytes in, bytes out."""
+    argv = ["ssh", *tb.SSH_OPTS, *opts, f"{user}@{tb.SSH_HOST}", *remote]
+    return subprocess.run(argv, input=input if input is not None else b"", capture_output=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def ssh_argv(user: str, *remote: str, tty: bool = True) -> list[str]:
+    return tb.ssh_command(user, *remote, tty=tty)
+
+
+def broker_rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+def sbroker_env() -> str:
+    return f"SBROKER_SOCKET={SOCKET}"
