@@ -14,6 +14,7 @@ import platform
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from .common import Row, TestbedLock, log
@@ -26,7 +27,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # n per benchmark: full run (fits in 15 minutes on 2 cores) and --quick.
 SIZES = {
     "full": dict(readiness=200, verify=5, verify_mb=1024, import_n=20, sched_ns=[1, 10, 50, 200], sched_s=20.0,
-                 warm=15, pty=3, pty_mb=200, keys=200, cold=8, rss=1000, rss_restarts=5),
+                 warm=15, pty=3, pty_mb=200, keys=200, cold=9, rss=1000, rss_restarts=5),
     "quick": dict(readiness=30, verify=2, verify_mb=128, import_n=5, sched_ns=[1, 10], sched_s=5.0,
                   warm=3, pty=1, pty_mb=20, keys=30, cold=2, rss=1000, rss_restarts=1),
 }
@@ -48,18 +49,42 @@ def machine() -> dict[str, str]:
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
-def run(names: list[str], size: dict, lock_wait: float) -> dict[str, list[Row]]:
+class Recorder:
+    """Writes each benchmark's JSON as soon as it finishes; one failure does not stop the run."""
+
+    def __init__(self, info: dict[str, str]) -> None:
+        self.info = info
+        self.done: list[str] = []
+        self.failed: dict[str, str] = {}
+
+    def __call__(self, name: str, fn, *args) -> None:
+        log(f"== {name}")
+        t0 = time.monotonic()
+        try:
+            rows: list[Row] = fn(*args)
+        except Exception:
+            self.failed[name] = traceback.format_exc()
+            log(f"{name}: FAILED\n{self.failed[name]}")
+            return
+        info = {**self.info, "bench_wall_s": f"{time.monotonic() - t0:.0f}"}
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"{name}.json").write_text(json.dumps(
+            {"machine": info, "rows": [r.to_json() for r in rows]}, indent=1) + "\n")
+        self.done.append(name)
+        log(f"{name}: done in {time.monotonic() - t0:.0f}s")
+
+
+def run(names: list[str], size: dict, lock_wait: float, rec: Recorder) -> None:
     from . import offline
 
-    results: dict[str, list[Row]] = {}
     if "readiness" in names:
-        results["readiness"] = offline.readiness(size["readiness"])
+        rec("readiness", offline.readiness, size["readiness"])
     if "verify" in names:
-        results["verify"] = offline.hashing(size["verify"], size["verify_mb"])
+        rec("verify", offline.hashing, size["verify"], size["verify_mb"])
     if "import" in names:
-        results["import"] = offline.import_cost(size["import_n"])
+        rec("import", offline.import_cost, size["import_n"])
     if not CLUSTER & set(names):
-        return results
+        return
     with TestbedLock(lock_wait):
         from . import bed
 
@@ -67,7 +92,7 @@ def run(names: list[str], size: dict, lock_wait: float) -> dict[str, list[Row]]:
         if "sched" in names:
             from . import sched
 
-            results["sched"] = sched.scheduler_load(size["sched_ns"], size["sched_s"])
+            rec("sched", sched.scheduler_load, size["sched_ns"], size["sched_s"])
         if NEEDS_BROKER & set(names):
             from . import interactive
 
@@ -75,11 +100,11 @@ def run(names: list[str], size: dict, lock_wait: float) -> dict[str, list[Row]]:
             broker.start()
             try:
                 if "warm" in names:
-                    results["warm"] = interactive.warm_attach(broker, size["warm"])
+                    rec("warm", interactive.warm_attach, broker, size["warm"])
                 if "pty" in names:
-                    results["pty"] = interactive.pty(broker, size["pty"], size["pty_mb"], size["keys"])
+                    rec("pty", interactive.pty, broker, size["pty"], size["pty_mb"], size["keys"])
                 if "cold" in names:
-                    results["cold"] = interactive.cold_shell(broker, size["cold"])
+                    rec("cold", interactive.cold_shell, broker, size["cold"])
             finally:
                 broker.stop()
                 from tests.integration import daemon as d
@@ -89,8 +114,7 @@ def run(names: list[str], size: dict, lock_wait: float) -> dict[str, list[Row]]:
         if "rss" in names:
             from . import rss
 
-            results["rss"] = rss.rss(size["rss"], size["rss_restarts"])
-    return results
+            rec("rss", rss.rss, size["rss"], size["rss_restarts"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,21 +132,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("run as root (the benchmarks start the broker and drive the test bed)")
     started = time.monotonic()
     mode = "quick" if args.quick else "full"
-    results = run([n for n in ORDER if n in names], SIZES[mode], args.lock_wait)
     info = machine()
     info["mode"] = mode
-    info["wall_s"] = f"{time.monotonic() - started:.0f}"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    for name, rows in results.items():
-        (RESULTS / f"{name}.json").write_text(json.dumps(
-            {"machine": info, "rows": [r.to_json() for r in rows]}, indent=1) + "\n")
-    if not args.no_report:
-        from .report import write_report
+    rec = Recorder(info)
+    try:
+        run([n for n in ORDER if n in names], SIZES[mode], args.lock_wait, rec)
+    finally:
+        if not args.no_report and rec.done:
+            from .report import write_report
 
-        path = write_report(RESULTS, ORDER)
-        log(f"report: {path}")
-    log(f"done in {time.monotonic() - started:.0f}s")
-    return 0
+            log(f"report: {write_report(RESULTS, ORDER)}")
+    log(f"done in {time.monotonic() - started:.0f}s; ok: {', '.join(rec.done) or 'none'}"
+        + (f"; FAILED: {', '.join(rec.failed)}" if rec.failed else ""))
+    return 1 if rec.failed else 0
 
 
 if __name__ == "__main__":

@@ -203,3 +203,24 @@ def sanitize(name: str) -> str:
 def shell_argv_for(session: dict, user: str, project: str) -> list[str]:
     """The argv the broker spawns for an interactive shell of ``session``."""
     return shell_argv(session["job_id"], session["instance"], user, project, TERM)
+
+
+def raw_cold_remote(job: RawJob) -> str:
+    """What a user without sbroker does after ``ssh``: submit, wait for the marker, ``srun --pty``.
+
+    The script goes to ``sbatch`` on stdin from a file the user can read, as the broker does.
+    """
+    script_path = job.log_path.with_suffix(".sh")
+    script_path.write_text(job.script)
+    os.chown(script_path, job.user.uid, job.user.gid)
+    attach = shlex.join(shell_argv("1", job.instance, job.user.name, job.project, TERM)).replace(
+        "--jobid=1", '--jobid="$jid"', 1)
+    inner = (f"jid=$({shlex.join(job.argv)} < {shlex.quote(str(script_path))}) || exit 1; jid=${{jid%%;*}}; "
+             f"until grep -qx INSTANCE_READY {shlex.quote(str(job.log_path))} 2>/dev/null; do sleep 0.005; done; "
+             f"exec {attach}")
+    return f"env PATH={shlex.quote(PATH)} bash -c {shlex.quote(inner)}"
+
+
+def jobs_named(user: str, name: str) -> list[str]:
+    out = slurm("squeue", "--noheader", "-u", user, "-n", name, "-o", "%i", check=False).stdout
+    return out.split()

@@ -112,8 +112,8 @@ def write_report(results: Path, order: list[str]) -> Path:
             lines.append("Notes:\n")
             lines += notes
             lines.append("")
-        runs = sorted({(v["date"], v["mode"], v.get("wall_s", "?")) for v in machines.values()})
-        lines.append("Runs that produced these rows: " + "; ".join(f"{d} ({mode}, {w} s)" for d, mode, w in runs)
+        runs = sorted({(v["date"], v["mode"]) for v in machines.values()})
+        lines.append("Runs that produced these rows: " + "; ".join(f"{d} ({mode})" for d, mode in runs)
                      + ".\n")
     lines.append(METHOD)
     if FINDINGS.exists():
