@@ -161,6 +161,32 @@ def log_offset() -> int:
         return 0
 
 
+class TomlBroker(BrokerProcess):
+    """A broker whose config gets raw TOML lines added to sections (``{"container": "k = v"}``),
+    for values ``config_text`` cannot express (arrays of tables)."""
+
+    def __init__(self, extra: dict[str, str], **overrides: object) -> None:
+        super().__init__(**overrides)
+        self.extra = extra
+
+    def start(self, timeout: float = 20.0) -> None:
+        from tests.integration import daemon
+
+        original = daemon.config_text
+
+        def patched(**kw: object) -> str:
+            text = original(**kw)
+            for section, lines in self.extra.items():
+                text = text.replace(f"[{section}]\n", f"[{section}]\n{lines}\n", 1)
+            return text
+
+        daemon.config_text = patched
+        try:
+            super().start(timeout)
+        finally:
+            daemon.config_text = original
+
+
 PEER = Path(__file__).with_name("peer.py")
 
 
