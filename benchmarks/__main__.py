@@ -36,7 +36,8 @@ SIZES = {
 def machine() -> dict[str, str]:
     def out(*argv: str) -> str:
         try:
-            return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.strip()
+            env = {**os.environ, "SLURM_CONF": "/opt/sbroker-testbed/etc/slurm.conf"}
+            return subprocess.run(argv, capture_output=True, text=True, timeout=10, env=env).stdout.strip()
         except OSError:
             return ""
     cpu = ""
