@@ -64,7 +64,7 @@ class Client:
         self._buf += data
         out = []
         while len(self._buf) >= p.HEADER.size:
-            kind, length = p.parse_header(bytes(self._buf[:p.HEADER.size]))
+            kind, length = p.parse_header(bytes(self._buf[:p.HEADER.size]), max_json=p.MAX_REPLY)
             end = p.HEADER.size + length
             if len(self._buf) < end:
                 break

@@ -37,8 +37,11 @@ KIND_INPUT = b"I"
 KINDS = frozenset((KIND_JSON, KIND_OUTPUT, KIND_INPUT))
 
 HEADER = struct.Struct(">cI")
-#: JSON messages are small; anything bigger is a broken or hostile client.
+#: Requests are small; anything bigger is a broken or hostile client.
 MAX_JSON = 64 * 1024
+#: Replies may be large (``list`` of every live session on a busy login node); the
+#: client trusts its broker, so the bound only protects it from a corrupt stream.
+MAX_REPLY = 64 * 1024 * 1024
 #: Terminal chunks: bounded so one frame never pins much memory.
 MAX_DATA = 64 * 1024
 
@@ -60,25 +63,25 @@ class ProtocolError(Exception):
         self.rule = rule
 
 
-def encode(kind: bytes, payload: bytes) -> bytes:
+def encode(kind: bytes, payload: bytes, *, max_json: int = MAX_JSON) -> bytes:
     """Frame ``payload`` as one ``kind`` frame."""
-    limit = MAX_JSON if kind == KIND_JSON else MAX_DATA
+    limit = max_json if kind == KIND_JSON else MAX_DATA
     if len(payload) > limit:
         raise ProtocolError("frame", f"payload of {len(payload)} bytes exceeds {limit}")
     return HEADER.pack(kind, len(payload)) + payload
 
 
-def encode_json(message: dict[str, object]) -> bytes:
-    """Frame one JSON message (compact, UTF-8)."""
-    return encode(KIND_JSON, json.dumps(message, separators=(",", ":")).encode())
+def encode_json(message: dict[str, object], *, max_json: int = MAX_JSON) -> bytes:
+    """Frame one JSON message (compact, UTF-8); replies pass ``max_json=MAX_REPLY``."""
+    return encode(KIND_JSON, json.dumps(message, separators=(",", ":")).encode(), max_json=max_json)
 
 
-def parse_header(header: bytes) -> tuple[bytes, int]:
+def parse_header(header: bytes, *, max_json: int = MAX_JSON) -> tuple[bytes, int]:
     """Validate a 5-byte header and return ``(kind, length)``."""
     kind, length = HEADER.unpack(header)
     if kind not in KINDS:
         raise ProtocolError("frame", f"unknown frame kind {kind!r}")
-    limit = MAX_JSON if kind == KIND_JSON else MAX_DATA
+    limit = max_json if kind == KIND_JSON else MAX_DATA
     if length > limit:
         raise ProtocolError("frame", f"length {length} exceeds {limit} for kind {kind.decode()}")
     return kind, length

@@ -55,7 +55,7 @@ class Connection:
         return p.decode_json(payload)
 
     async def send(self, message: dict[str, Any]) -> None:
-        self.writer.write(p.encode_json(message))
+        self.writer.write(p.encode_json(message, max_json=p.MAX_REPLY))
         await self.writer.drain()
 
     async def send_error(self, field: str, rule: str, code: str = "invalid") -> None:

@@ -71,3 +71,17 @@ def test_client_reassembles_frames_split_anywhere(chunks, step):
     for start in range(0, len(stream), step):
         out += client.feed(stream[start:start + step])
     assert [payload for _, payload in out] == chunks
+
+
+def test_large_replies_pass_large_requests_do_not():
+    """``list`` of a thousand sessions is ~0.5 MB: fine as a reply, refused as a request."""
+    message = {"type": "result", "sessions": [{"id": str(i), "reason": "x" * 400} for i in range(1000)]}
+    with pytest.raises(p.ProtocolError):
+        p.encode_json(message)
+    frame = p.encode_json(message, max_json=p.MAX_REPLY)
+    client = Client.__new__(Client)
+    client._buf = bytearray()
+    [(kind, payload)] = client.feed(frame)
+    assert p.decode_json(payload) == message
+    with pytest.raises(p.ProtocolError):
+        p.parse_header(frame[:5])  # the daemon's reading side keeps the small bound
