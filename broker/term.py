@@ -90,7 +90,10 @@ def attach(session: str, *, mode: str = "write", client: Client | None = None) -
     sel.register(client.sock, selectors.EVENT_READ, "sock")
     sel.register(wake_r, selectors.EVENT_READ, "wake")
     if mode == "write":
-        sel.register(stdin, selectors.EVENT_READ, "stdin")
+        try:
+            sel.register(stdin, selectors.EVENT_READ, "stdin")
+        except (PermissionError, ValueError):  # a regular file or /dev/null: nothing to type
+            pass
     status = EXIT_LOST
     raw = _RawTTY(stdin)
     try:
