@@ -78,6 +78,9 @@ def build(config: Config, user: User, project: str, image: str, image_digest: st
                               "digest": digest})
     # The script goes to sbatch on stdin: the file on disk is the broker's record
     # (root-only), so there is no window in which anyone could swap it.
-    extra = [f"--comment={comment}", f"--chdir={user.home}", "--open-mode=append", "--export=ALL"]
+    # --no-requeue: after a node failure SLURM would requeue the job (same id, PENDING) and
+    # later rerun the script behind the broker's back; the instance is gone, so it ends.
+    extra = [f"--comment={comment}", f"--chdir={user.home}", "--open-mode=append", "--export=ALL",
+             "--no-requeue"]
     sbatch_argv = [*argv[:-1], *extra]
     return JobSpec(instance, script, script_path, log_path, sbatch_argv, host_user_dir, host_project_dir)

@@ -378,6 +378,11 @@ class Manager:
             session.pending_reason, session.expected_start = info.reason, info.start_time
             if session.state == State.SUBMITTED:
                 self.transition(session, State.PENDING, _pending_text(info))
+            elif session.state in (State.STARTING, State.READY):
+                # Requeued (node failure, admin): the instance died with the first run.
+                why = "job was requeued by SLURM" + (f" ({info.reason})" if info.reason not in ("", "None") else "")
+                self.transition(session, State.ENDING, f"{why}; its instance is gone")
+                self._spawn(self._scancel(session))
             elif changed:
                 self._notify(session, {"type": "progress", "state": session.state.value,
                                        "pending_reason": info.reason, "expected_start": info.start_time})
