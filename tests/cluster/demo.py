@@ -3,17 +3,20 @@ get a shell inside a SLURM allocation.
 
 Steps:
   1. the test bed comes up (SLURM, munge, loopback sshd; the product installed into VENV);
-  2. ``start_broker()`` starts the broker daemon -- a hook for the lead, not wired yet;
-  3. with a broker: print the one ``ssh`` command that lands sbalice in a container shell;
-     without one: submit a raw batch job as sbalice and print the ``srun --overlap --pty``
+  2. ``start_broker()`` starts the real broker daemon, detached (log in LOG/broker.log);
+  3. with a broker: print the one ``ssh`` command that lands sbalice in a container shell,
+     and run it when stdin is a terminal; if the broker cannot start: submit a raw batch job as sbalice and print the ``srun --overlap --pty``
      command that attaches a shell to it, plus the ssh command for the admin.
 """
 
 from __future__ import annotations
 
+import os
 import pwd
 import shlex
+import signal
 import subprocess
+import sys
 import time
 
 from . import config as C
@@ -22,12 +25,76 @@ from . import harness
 DEMO_JOB_NAME = "sbroker-demo"
 
 
-def start_broker() -> bool:
-    """Start the broker for the demo; return True once it listens on C.BROKER_SOCKET.
+BROKER_PID = C.RUN / "broker-demo.pid"
+BROKER_LOG = C.LOG / "broker.log"
 
-    Not wired yet (the broker daemon is being written): returns False, and the demo falls
-    back to the raw sbatch + srun path."""
+
+def _broker_answers(timeout: float = 2.0) -> bool:
+    from broker.client import BrokerError, Client
+
+    try:
+        with Client(str(C.BROKER_SOCKET), timeout=timeout) as client:
+            client.request("ping")
+        return True
+    except (BrokerError, OSError):
+        return False
+
+
+def _demo_pid() -> int | None:
+    try:
+        pid = int(BROKER_PID.read_text().strip())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+def start_broker(timeout: float = 30.0) -> bool:
+    """Start the real broker daemon (test bed config), detached so it outlives the demo.
+
+    Reuses a demo broker that already answers. Logs to BROKER_LOG; pid in BROKER_PID
+    (``stop_broker()`` or ``kill $(cat BROKER_PID)`` stops it; test fixtures do so too)."""
+    if _demo_pid() and _broker_answers():
+        return True
+    from tests.integration.daemon import CONFIG_PATH, config_text
+
+    CONFIG_PATH.write_text(config_text())
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "PYTHONPATH": str(C.REPO), "LANG": "C.UTF-8"}
+    with open(BROKER_LOG, "ab") as log, open(os.devnull, "rb") as devnull:
+        proc = subprocess.Popen([sys.executable, "-m", "broker", "serve", "--config", str(CONFIG_PATH)],
+                                env=env, stdin=devnull, stdout=log, stderr=log, cwd="/",
+                                start_new_session=True)
+    BROKER_PID.write_text(f"{proc.pid}\n")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = "\n".join(BROKER_LOG.read_text(errors="replace").splitlines()[-15:])
+            print(f"the broker exited with {proc.returncode}; {BROKER_LOG}:\n{tail}", file=sys.stderr)
+            BROKER_PID.unlink(missing_ok=True)
+            return False
+        if _broker_answers():
+            return True
+        time.sleep(0.2)
+    print(f"the broker did not answer on {C.BROKER_SOCKET} within {timeout:g}s; see {BROKER_LOG}",
+          file=sys.stderr)
     return False
+
+
+def stop_broker(timeout: float = 10.0) -> None:
+    """Stop the demo broker, if one runs (by its recorded pid only)."""
+    pid = _demo_pid()
+    BROKER_PID.unlink(missing_ok=True)
+    if pid is None:
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
 
 
 def ssh_line(user: str) -> str:
@@ -60,9 +127,19 @@ def main() -> int:
     user = C.USERS[0]
     print()
     if start_broker():
-        print("The broker is running. Log in as a test user; you land in a container shell")
-        print("inside a SLURM allocation:\n")
-        print(f"    {ssh_line(user)}\n")
+        line = ssh_line(user)
+        print(f"The broker is running (pid {_demo_pid()}, log {BROKER_LOG}). Log in as a test user;")
+        print("you land in a container shell inside a SLURM allocation (the first login submits it):\n")
+        print(f"    {line}\n")
+        print(f"A command runs there too:  {line} 'hostname; echo $SLURM_JOB_ID'")
+        print(f"Other project:             {line} @myproject")
+        print(f"Admin view:                {ssh_line(C.ADMIN)} "
+              f"'SBROKER_SOCKET={C.BROKER_SOCKET} {C.SBROKER_BIN} ls'")
+        print(f"Stop the broker: kill $(cat {BROKER_PID});  everything: make down\n")
+        if sys.stdin.isatty() and sys.stdout.isatty() and os.environ.get("SBROKER_DEMO_NO_LOGIN") != "1":
+            print("Logging you in now (leave the shell with `exit`; it keeps running if the connection drops):\n")
+            sys.stdout.flush()
+            subprocess.call(shlex.split(line))  # the shell's exit status is not the demo's
         return 0
 
     job = raw_job(user)
