@@ -80,6 +80,11 @@ class Client:
             self._pending.extend(self.feed(chunk))
         return self._pending.pop(0)
 
+    def take_pending(self) -> list[tuple[bytes, bytes]]:
+        """Frames already read from the socket but not yet handed out."""
+        frames, self._pending = self._pending, []
+        return frames
+
     def recv(self) -> dict[str, object]:
         kind, payload = self.recv_frame()
         if kind != p.KIND_JSON:

@@ -84,23 +84,30 @@ def main(argv: list[str] | None = None) -> int:
     fields: dict[str, Any] = {"project": project}
     if command is not None:
         fields.update(command=command, tty=has_tty, term=os.environ.get("TERM", "")[:64])
+    if command is None:
+        from . import term
+
+        fields["attach"] = term.attach_request()
     try:
-        with Client() as client:
-            result = client.request("ensure", on_progress=progress, **fields)
+        client = Client()
     except BrokerError as exc:
+        sys.stderr.write(f"sbroker: {exc.message}\n")
+        return 1
+    try:
+        result = client.request("ensure", on_progress=progress, **fields)
+    except BrokerError as exc:
+        client.close()
         progress.done()
         sys.stderr.write(f"sbroker: {exc.message}\n")
         return 1
     progress.done()
-    session = result["session"]
     if command is not None:
+        client.close()
         spec = result["exec"]
         argv0 = _which(spec["argv"][0], spec["env"].get("PATH", "/usr/bin:/bin"))
         return run_command(argv0, spec["argv"], spec["env"])
-    from . import term
-
     try:
-        return term.attach(session["id"])
+        return term.attach(result["session"]["id"], client=client, requested=True)
     except BrokerError as exc:
         sys.stderr.write(f"sbroker: {exc.message}\n")
         return 1

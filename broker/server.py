@@ -174,6 +174,9 @@ class Server:
         if not isinstance(tty, bool):
             raise p.ProtocolError("tty", "must be true or false")
         term = p.get_str(message, "term", default="", max_len=64) or ""
+        attach = message.get("attach")
+        if attach is not None and (not isinstance(attach, dict) or command is not None):
+            raise p.ProtocolError("attach", "must be an object of attach fields, and only without a command")
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         task = asyncio.ensure_future(self.manager.ensure(conn.user, project, queue.put_nowait))
         try:
@@ -196,6 +199,8 @@ class Server:
                                 tty=tty, term=term)
             reply["exec"] = {"argv": argv, "env": self.manager.runner.env(conn.user, {"TERM": safe_term(term)})}
         await conn.send(reply)
+        if attach is not None:  # interactive login: attach on this connection, no second round trip
+            await self.handlers["attach"](conn, {**attach, "session": session.id})
 
     async def op_list(self, conn: Connection, message: dict[str, Any]) -> None:
         sessions = self.manager.visible(conn.user, conn.admin)

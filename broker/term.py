@@ -59,14 +59,24 @@ class _RawTTY:
             self.saved = None
 
 
-def attach(session: str, *, mode: str = "write", client: Client | None = None) -> int:
-    """Attach this process's terminal to a session's shell; return the shell's exit status."""
+def attach_request(mode: str = "write") -> dict[str, object]:
+    """The attach parameters of this terminal (mode, window size, TERM)."""
+    stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
+    rows, cols = window_size(stdin if os.isatty(stdin) else stdout)
+    return {"mode": mode, "rows": rows, "cols": cols, "term": os.environ.get("TERM", "xterm-256color")[:64]}
+
+
+def attach(session: str, *, mode: str = "write", client: Client | None = None, requested: bool = False) -> int:
+    """Attach this process's terminal to a session's shell; return the shell's exit status.
+
+    ``requested`` means the attach was already asked for on ``client`` (``sbroker login``
+    sends it with its ``ensure``, saving a connection and a round trip on every login).
+    """
     stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
     os.set_blocking(stdout, True)  # blocking writes are the backpressure
-    rows, cols = window_size(stdin if os.isatty(stdin) else stdout)
     client = client or Client()
-    client.send({"v": p.VERSION, "op": "attach", "session": session, "mode": mode,
-                 "rows": rows, "cols": cols, "term": os.environ.get("TERM", "xterm-256color")[:64]})
+    if not requested:
+        client.send({"v": p.VERSION, "op": "attach", "session": session, **attach_request(mode)})
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     stop = {"signal": 0}
@@ -94,10 +104,13 @@ def attach(session: str, *, mode: str = "write", client: Client | None = None) -
             sel.register(stdin, selectors.EVENT_READ, "stdin")
         except (PermissionError, ValueError):  # a regular file or /dev/null: nothing to type
             pass
-    status = EXIT_LOST
     raw = _RawTTY(stdin)
     try:
         with raw:
+            # Frames that arrived with the ensure reply are already buffered in the client.
+            status = _handle_frames(client.take_pending(), stdout)
+            if status is not None:
+                return status
             while True:
                 for key, _ in sel.select():
                     if key.data == "stdin":
@@ -119,16 +132,9 @@ def attach(session: str, *, mode: str = "write", client: Client | None = None) -
                             raw.restore()
                             sys.stderr.write("sbroker: connection to the broker was lost\r\n")
                             return EXIT_LOST
-                        for kind, payload in client.feed(chunk):
-                            if kind == p.KIND_OUTPUT:
-                                _write_all(stdout, payload)
-                                continue
-                            message = p.decode_json(payload)
-                            if message.get("type") == "exit":
-                                status = int(message.get("status", EXIT_LOST))
-                                return status
-                            if message.get("type") == "error":
-                                raise BrokerError(str(message.get("message")), str(message.get("code")))
+                        status = _handle_frames(client.feed(chunk), stdout)
+                        if status is not None:
+                            return status
     finally:
         raw.restore()
         for s, h in old_handlers.items():
@@ -137,6 +143,20 @@ def attach(session: str, *, mode: str = "write", client: Client | None = None) -
         os.close(wake_r)
         os.close(wake_w)
         client.close()
+
+
+def _handle_frames(frames: list[tuple[bytes, bytes]], stdout: int) -> int | None:
+    """Write output frames; return the exit status once the shell has ended."""
+    for kind, payload in frames:
+        if kind == p.KIND_OUTPUT:
+            _write_all(stdout, payload)
+            continue
+        message = p.decode_json(payload)
+        if message.get("type") == "exit":
+            return int(message.get("status", EXIT_LOST))
+        if message.get("type") == "error":
+            raise BrokerError(str(message.get("message")), str(message.get("code")))
+    return None
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -660,6 +660,9 @@ def stop_slurm(*, cancel_jobs: bool = True) -> None:
 
 def down() -> None:
     require_root()
+    from .demo import stop_broker
+
+    stop_broker()  # the demo's broker runs srun against this cluster: it goes first
     with testbed_lock():
         pid = SSHD.pid()
         if pid is not None:

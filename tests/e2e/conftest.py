@@ -25,9 +25,6 @@ PROMPT_RE = re.compile(rb"E2E-PROMPT> ")
 
 @pytest.fixture(scope="module")
 def broker(cluster) -> Iterator[BrokerProcess]:
-    from tests.cluster import demo
-
-    demo.stop_broker()  # a `make demo` broker would hold the socket
     reset_state()
     proc = BrokerProcess()
     proc.start()

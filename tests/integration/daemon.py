@@ -46,6 +46,9 @@ class BrokerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20.0) -> None:
+        from tests.cluster import demo
+
+        demo.stop_broker()  # a `make demo` broker would hold the socket and the state dir
         CONFIG_PATH.write_text(config_text(**self.overrides))
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "PYTHONPATH": str(tb.REPO), "LANG": "C.UTF-8"}
         log = open(LOG_PATH, "ab")
