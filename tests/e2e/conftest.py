@@ -11,26 +11,16 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from tests.cluster import config as tb
-from tests.integration.daemon import SOCKET, BrokerProcess, reset_state
+from tests.integration.conftest import broker  # noqa: F401  (the same module-scoped daemon)
+from tests.integration.daemon import SOCKET
 
 ALICE, BOB = tb.USERS
 PROMPT = "E2E-PROMPT> "
 PROMPT_RE = re.compile(rb"E2E-PROMPT> ")
-
-
-@pytest.fixture(scope="module")
-def broker(cluster) -> Iterator[BrokerProcess]:
-    reset_state()
-    proc = BrokerProcess()
-    proc.start()
-    yield proc
-    proc.stop()
-    reset_state()
 
 
 def ssh(user: str, *remote: str, input: bytes | None = None, env: dict[str, str] | None = None,
