@@ -12,7 +12,7 @@ from pathlib import Path
 from broker import images, jobspec
 from broker.client import BrokerError, Client
 from broker.config import Config
-from broker.identity import User, lookup_name
+from broker.identity import lookup_name
 from broker.shells import shell_argv
 from broker.slurm.runner import user_env
 from tests.cluster import config as tb

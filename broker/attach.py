@@ -84,7 +84,7 @@ class AttachHub:
         self.terminals: dict[str, list[Terminal]] = {}
         self.attach_count = 0
         server.handlers["attach"] = self.op_attach
-        server.describe_extra = self.describe
+        server.describers.append(self.describe)
         manager.on_change.append(self._on_session_change)
 
     # ------------------------------------------------------------------ queries

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import grp
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from . import log as _log
+from .server import bind_unix
 from .session import State
 
 #: Seconds from an ``ensure`` request to its ready reply. Cold starts include sbatch,
@@ -126,17 +126,7 @@ class Metrics:
         cfg = self.config
         if cfg.metrics_socket:
             path = Path(cfg.metrics_socket)
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-            if path.is_socket():
-                path.unlink()
-            elif path.exists():
-                raise OSError(f"broker.metrics_socket: {path} exists and is not a socket")
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            old = os.umask(0o177)
-            try:
-                sock.bind(str(path))
-            finally:
-                os.umask(old)
+            sock = bind_unix(path, "broker.metrics_socket", umask=0o177)
             # Root and the admin group may scrape (a local Prometheus agent in that group).
             try:
                 os.chown(path, 0, grp.getgrnam(cfg.admin_group).gr_gid)

@@ -31,7 +31,7 @@ from . import log as _log
 from .manager import Manager, SessionError
 from .metrics import Metrics
 from .reaper import Reaper
-from .server import Connection, Server
+from .server import Connection, Server, StartupError
 from .session import Session, State
 from .slurm.parse import parse_duration
 
@@ -54,36 +54,24 @@ class Operations:
         self._walltime_sent: dict[str, set[int]] = {}
         self._reap_lock = asyncio.Lock()
         server.handlers["reap"] = self.op_reap
-        self._wrap_ensure()
-        previous = getattr(server, "describe_extra", None)
-        server.describe_extra = lambda s: {**(previous(s) if previous else {}), **self.describe(s)}
+        server.on_ensured.append(self._observe_ensure)
+        server.describers.append(self.describe)
         self._tasks = [asyncio.ensure_future(self._start_metrics()), asyncio.ensure_future(self._policy_loop())]
         if self.config.reaper_interval > 0:
             self._tasks.append(asyncio.ensure_future(self._reaper_loop()))
 
     # ------------------------------------------------------------------ wiring
 
-    def _wrap_ensure(self) -> None:
-        """Time every successful ``ensure`` (the time-to-shell histogram), without touching the server."""
-        inner = self.server.handlers["ensure"]
-
-        async def timed_ensure(conn: Connection, message: dict[str, Any]) -> None:
-            started = time.monotonic()
-            project = message.get("project") or self.config.default_project
-            before = self.manager.current(conn.user.name, project) if isinstance(project, str) else None
-            warm = before is not None and before.state == State.READY
-            await inner(conn, message)
-            after = self.manager.current(conn.user.name, project) if isinstance(project, str) else None
-            if after is not None and after.state == State.READY and self.metrics is not None:
-                self.metrics.time_to_shell.labels("warm" if warm else "cold").observe(time.monotonic() - started)
-
-        self.server.handlers["ensure"] = timed_ensure
+    def _observe_ensure(self, session: Session, warm: bool, seconds: float) -> None:
+        """The time-to-shell histogram: cold = this login waited for a new session."""
+        if self.metrics is not None:
+            self.metrics.time_to_shell.labels("warm" if warm else "cold").observe(seconds)
 
     async def _start_metrics(self) -> None:
         assert self.metrics is not None
         try:
             await self.metrics.start()
-        except OSError as exc:
+        except (OSError, StartupError) as exc:
             self.log.error("metrics_unavailable", error=str(exc), socket=self.config.metrics_socket,
                            port=self.config.metrics_port)
 

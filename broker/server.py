@@ -77,29 +77,14 @@ class Server:
         }
         self.server: asyncio.base_events.Server | None = None
         self.connections = 0
+        #: Each adds fields to a session's description (attachers, policy state).
+        self.describers: list[Callable[[Session], dict[str, Any]]] = []
+        #: Called as ``(session, warm, seconds)`` once an ``ensure`` has a ready session.
+        self.on_ensured: list[Callable[[Session, bool, float], None]] = []
 
     async def start(self) -> None:
-        path = Path(self.socket_path)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-        if path.is_socket():
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(str(path))
-            except OSError:
-                path.unlink()  # stale socket of a broker that died
-            else:
-                raise StartupError(f"broker.socket: another broker is already serving on {path}")
-            finally:
-                probe.close()
-        elif path.exists():
-            raise StartupError(f"broker.socket: {path} exists and is not a socket")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o111)
-        try:
-            sock.bind(str(path))
-        finally:
-            os.umask(old)
-        os.chmod(path, 0o666)  # any local user may connect; identity comes from SO_PEERCRED
+        sock = bind_unix(Path(self.socket_path), "broker.socket", umask=0o111)
+        os.chmod(self.socket_path, 0o666)  # any local user may connect; identity comes from SO_PEERCRED
         self.server = await asyncio.start_unix_server(self._handle, sock=sock, limit=p.MAX_JSON * 2)
 
     async def close(self) -> None:
@@ -177,6 +162,9 @@ class Server:
         attach = message.get("attach")
         if attach is not None and (not isinstance(attach, dict) or command is not None):
             raise p.ProtocolError("attach", "must be an object of attach fields, and only without a command")
+        before = self.manager.current(conn.user.name, project)
+        warm = before is not None and before.state == State.READY
+        started = time.monotonic()
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         task = asyncio.ensure_future(self.manager.ensure(conn.user, project, queue.put_nowait))
         try:
@@ -193,6 +181,8 @@ class Server:
         finally:
             if not task.done():
                 task.cancel()  # the creation itself is shielded in the manager and goes on
+        for observer in self.on_ensured:
+            observer(session, warm, time.monotonic() - started)
         reply: dict[str, Any] = {"type": "result", "session": self.describe(session, conn)}
         if command is not None:
             argv = command_argv(session.job_id, session.instance, session.user, session.project, command,
@@ -250,14 +240,41 @@ class Server:
             "time_left": session.time_left, "age": round(now - session.created, 1),
             "idle": round(now - session.last_activity, 1),
         }
-        extra = getattr(self, "describe_extra", None)
-        if extra:
-            data.update(extra(session))
+        for describer in self.describers:
+            data.update(describer(session))
         if full:
             data.update(created=session.created, submitted_at=session.submitted_at,
                         ready_at=session.ready_at, ended_at=session.ended_at,
                         log_path=session.log_path, script_path=session.script_path)
         return data
+
+
+def bind_unix(path: Path, field: str, *, umask: int) -> socket.socket:
+    """Bind a listening Unix socket at ``path``, replacing only a stale one.
+
+    A socket file that still answers belongs to a running daemon: starting a second
+    one would steal its clients, so that is a :class:`StartupError` naming ``field``.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    if path.is_socket():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # left behind by a daemon that died
+        else:
+            raise StartupError(f"{field}: another broker is already serving on {path}")
+        finally:
+            probe.close()
+    elif path.exists():
+        raise StartupError(f"{field}: {path} exists and is not a socket")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(umask)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    return sock
 
 
 def read_tail(path: str, size: int) -> bytes:

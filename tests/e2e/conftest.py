@@ -12,7 +12,6 @@ import re
 import subprocess
 import time
 
-import pytest
 
 from tests.cluster import config as tb
 from tests.integration.conftest import broker  # noqa: F401  (the same module-scoped daemon)

@@ -17,7 +17,7 @@ from broker.container.apptainer._builders import CONTAINER_HOSTNAME
 from tests.cluster import config as tb
 from tests.integration.conftest import jobs_of
 
-from .conftest import ALICE, PROMPT, PROMPT_RE, broker_rss_kb, sbroker_env, ssh, ssh_argv
+from .conftest import ALICE, PROMPT, PROMPT_RE, broker_rss_kb, sbroker_env, ssh_argv
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 

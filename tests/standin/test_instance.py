@@ -108,7 +108,7 @@ def test_start_failures(app, image):
 
 
 def test_instance_is_daemonized(app, inst):
-    st = _state(app, inst)
+    _state(app, inst)
     with open(f"/proc/{st['ppid']}/stat") as f:
         fields = f.read().split(") ", 1)[1].split()
     sid = int(fields[3])
@@ -153,7 +153,7 @@ def test_exec_shares_instance_namespaces(app, inst, standin_only):
     out = r.stdout.decode()
     assert out.startswith("hello\n/rootfile\ninsthost\n")
     assert "sleep 30" in out                         # same pid namespace as the earlier exec
-    st = _state(app, inst)
+    _state(app, inst)
     r = app("exec", f"instance://{inst}", "cat", "/proc/1/cmdline")
     assert b"__agent" in r.stdout                    # pid 1 is the instance's agent
     r = app("exec", f"instance://{inst}", "sh", "-c", "ls -A /root; echo end")
