@@ -151,7 +151,7 @@ def _check(kind: str, value: Any) -> tuple[Any, str | None]:
     if not isinstance(value, (str, list)):
         return value, "has the wrong type"
     if kind == "namelist":
-        if not isinstance(value, list) or not all(isinstance(v, str) and _NAME_RE.match(v) for v in value):
+        if not isinstance(value, list) or not all(isinstance(v, str) and _NAME_RE.fullmatch(v) for v in value):
             return value, f"must be a list of names matching {_NAME_RE.pattern}"
         return tuple(value), None
     if kind == "devrepos":
@@ -162,23 +162,23 @@ def _check(kind: str, value: Any) -> tuple[Any, str | None]:
         return value, "must be a string"
     if kind == "abspath":
         return (Path(value) if value.startswith("/") else value), (
-            None if value.startswith("/") and _SAFE_PATH_RE.match(value) and ".." not in value.split("/")
+            None if value.startswith("/") and _SAFE_PATH_RE.fullmatch(value) and ".." not in value.split("/")
             else "must be an absolute path of [A-Za-z0-9._/@+-] without '..'")
     if kind == "abspath_or_empty":
         return value, (None if value == "" else _check("abspath", value)[1])
     if kind == "name":
-        return value, None if _NAME_RE.match(value) else f"must match {_NAME_RE.pattern}"
+        return value, None if _NAME_RE.fullmatch(value) else f"must match {_NAME_RE.pattern}"
     if kind == "loglevel":
         ok = value in ("debug", "info", "warning", "error")
         return value, None if ok else "must be one of debug, info, warning, error"
     if kind == "slurmtime":
-        return value, None if _TIME_RE.match(value) else "must be a SLURM time like 8:00:00 or 1-00:00:00"
+        return value, None if _TIME_RE.fullmatch(value) else "must be a SLURM time like 8:00:00 or 1-00:00:00"
     if kind == "pathlist":
         parts = value.split(":")
-        ok = all(p.startswith("/") and _SAFE_PATH_RE.match(p) for p in parts)
+        ok = all(p.startswith("/") and _SAFE_PATH_RE.fullmatch(p) for p in parts)
         return value, None if ok else "must be ':'-separated absolute directories"
     if kind == "template":
-        if not _SAFE_PATH_RE.match(value) or ".." in value.split("/"):
+        if not _SAFE_PATH_RE.fullmatch(value) or ".." in value.split("/"):
             return value, "must be an absolute path template using {user} and {project} only"
         try:
             value.format(user="u", project="p")
@@ -203,7 +203,7 @@ def _check_devrepos(value: Any) -> tuple[Any, str | None]:
         if not isinstance(item, dict) or set(item) != {"name", "host_path"}:
             return value, rule
         name, host = item["name"], item["host_path"]
-        if not (isinstance(name, str) and _NAME_RE.match(name)):
+        if not (isinstance(name, str) and _NAME_RE.fullmatch(name)):
             return value, rule
         if _check("abspath", host)[1] is not None:
             return value, rule

@@ -21,7 +21,7 @@ SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 
 
 def safe_term(term: str | None) -> str:
-    return term if term and _TERM_RE.match(term) else "xterm-256color"
+    return term if term and _TERM_RE.fullmatch(term) else "xterm-256color"
 
 
 def _identity(user: str, project: str, term: str) -> list[str]:

@@ -62,3 +62,12 @@ def test_load_reports_file_problems(tmp_path, monkeypatch):
     good.write_text('[container]\nimage = "/i.sif"\n[slurm]\ncpus = 2\n')
     monkeypatch.setenv("SBROKER_CONFIG", str(good))
     assert load().cpus == 2
+
+
+@pytest.mark.parametrize("key, value", [("broker.admin_group", "admins\n"), ("broker.socket", "/run/x.sock\n"),
+                                        ("slurm.time_limit", "8:00:00\n"), ("slurm.partition", "compute\n")])
+def test_trailing_newline_is_not_a_match(key, value):
+    """``$`` in a regex also matches before a final newline: every check is a full match."""
+    section, name = key.split(".")
+    with pytest.raises(ConfigError, match=key):
+        parse({**GOOD, section: {name: value}})

@@ -247,8 +247,6 @@ def test_command_is_exactly_one_argv_element_after_c(command, tty, term):
     assert not (SHELL_META - {"\n"}) & set(term_value) and "\n" not in term_value[:-1]
 
 
-@pytest.mark.xfail(strict=True, reason="shells.safe_term matches ^...$ with re.match, so '$' accepts a "
-                                       "trailing newline: TERM='xterm\\n' reaches apptainer --env (reported)")
 def test_term_with_a_trailing_newline_is_replaced():
     argv = shells.command_argv("42", "sb-sbalice-p-1", "sbalice", "p", "true", tty=True, term="xterm\n")
     assert "TERM=xterm\n" not in argv
