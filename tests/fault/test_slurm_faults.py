@@ -67,7 +67,6 @@ def test_controller_down_60s_ends_nothing(fresh):
             checks += 1
             time.sleep(2)
         assert set(states(ids).values()) == {"unknown"}, states(ids)
-        assert len(active_tagged_jobs()) == 0 or True  # squeue itself is down; checked after restart
     finally:
         harness.ensure_slurm(conf_changed=False)
     try:
@@ -79,8 +78,12 @@ def test_controller_down_60s_ends_nothing(fresh):
         assert sorted(j["job_id"] for j in active_tagged_jobs()) == sorted(s["job_id"] for s in sessions.values())
         assert not any(r["project"] == "ctlnew" and r["state"] not in ("failed", "ended")
                        for r in store_rows().values())
-        res = ssh(ALICE, "@ctl1", "echo", "back")
+        # srun into a job recovered by a restarted slurmctld waits (silently) until the node
+        # re-registers, up to about a minute and a half here: the login gets through, late.
+        started = time.monotonic()
+        res = ssh(ALICE, "@ctl1", "echo", "back", timeout=200)
         assert res.returncode == 0 and res.stdout.strip() == "back", res
+        print(f"first login after the controller restart took {time.monotonic() - started:.1f}s")
     finally:
         proc.stop()
 
