@@ -9,9 +9,11 @@ import signal
 from pathlib import Path
 
 from . import log as _log
+from .attach import AttachHub
 from .audit import Audit
 from .config import Config
 from .manager import Manager
+from .ops import Operations
 from .sdnotify import Notifier
 from .server import Server, StartupError
 from .slurm.runner import Runner
@@ -50,7 +52,7 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
     await manager.start()
     await server.start()
     poller = asyncio.ensure_future(manager.run_poller())
-    watchdog = asyncio.ensure_future(_watchdog(notifier, manager)) if notifier.watchdog_interval else None
+    watchdog = asyncio.ensure_future(_watchdog(notifier, manager, poller)) if notifier.watchdog_interval else None
     log.info("serving", socket=config.socket, state_dir=str(config.state_dir), live=len(manager.by_key))
     notifier.notify(READY="1", STATUS=f"serving {len(manager.by_key)} sessions")
     try:
@@ -69,19 +71,17 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
         os.close(lock_fd)
 
 
-async def _watchdog(notifier: Notifier, manager: Manager) -> None:
-    """Ping only while the poller is alive: a wedged loop stops the pings and systemd restarts us."""
+async def _watchdog(notifier: Notifier, manager: Manager, poller: asyncio.Task[None]) -> None:
+    """Ping only while the event loop runs and the poller is alive: a wedged loop or a dead
+    poller stops the pings, and systemd restarts the daemon (WatchdogSec)."""
     assert notifier.watchdog_interval
-    while True:
+    while not poller.done():
         notifier.notify(WATCHDOG="1", STATUS=f"{len(manager.by_key)} live sessions, "
                         f"controller {'ok' if manager.controller_ok else 'unavailable'}")
         await asyncio.sleep(notifier.watchdog_interval)
 
 
-def _load_extensions(manager: Manager, server: Server) -> list:
+def _load_extensions(manager: Manager, server: Server) -> list[AttachHub | Operations]:
     """Attach the terminal hub and the operations plane (policies, metrics)."""
-    from .attach import AttachHub
-    from .ops import Operations
-
     hub = AttachHub(manager, server)
     return [hub, Operations(manager, server, hub)]
