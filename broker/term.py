@@ -17,7 +17,6 @@ import struct
 import sys
 import termios
 import tty
-from typing import Any
 
 from . import protocol as p
 from .client import BrokerError, Client
@@ -39,7 +38,7 @@ def window_size(fd: int) -> tuple[int, int]:
 class _RawTTY:
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self.saved: list[Any] | None = None
+        self.saved: list[object] | None = None
 
     def __enter__(self) -> _RawTTY:
         if os.isatty(self.fd):
@@ -81,13 +80,13 @@ def attach(session: str, *, mode: str = "write", client: Client | None = None, r
     os.set_blocking(wake_w, False)
     stop = {"signal": 0}
 
-    def on_winch(signum: int, frame: Any) -> None:
+    def on_winch(signum: int, frame: object) -> None:
         try:
             os.write(wake_w, b"W")
         except OSError:
             pass
 
-    def on_stop(signum: int, frame: Any) -> None:
+    def on_stop(signum: int, frame: object) -> None:
         stop["signal"] = signum
         try:
             os.write(wake_w, b"S")

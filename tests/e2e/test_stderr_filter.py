@@ -1,4 +1,4 @@
-"""``broker.login.StderrFilter``: only srun's own exit report is dropped from stderr."""
+"""``broker.srunexec.StderrFilter``: only srun's own exit report is dropped from stderr."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.login import StderrFilter
+from broker.srunexec import StderrFilter
 
 REPORT = b"srun: error: vm: task 0: Exited with exit code 3\n"
 
