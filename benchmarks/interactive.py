@@ -110,6 +110,10 @@ def cold_shell(broker: bed.Broker, n: int) -> list[Row]:
     runs = [run_a, run_b, run_c]
     for k in range(n):
         for fn in runs[k % 3:] + runs[:k % 3]:  # rotate the order: drift and after-effects hit all sides
+            # slurmctld starts batch jobs in a 1 Hz pass at a fixed phase, and each run begins
+            # right after the previous job was seen gone, i.e. in step with that pass: without a
+            # random pause each side would keep its own fixed share of the 0-1 s wait.
+            time.sleep(random.uniform(0.0, 1.0))
             fn(k)
         log(f"cold {k + 1}/{n}: sbroker {a[-1]:.2f}s raw sbatch→marker {b[-1]:.2f}s raw ssh+sbatch+srun "
             f"{c[-1]:.2f}s (broker created→ready {server[-1]:.2f}s)")
