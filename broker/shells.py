@@ -5,6 +5,10 @@ interactive one adds ``--pty`` and a login shell that starts in the project dir,
 a command runs as ``/bin/bash -c COMMAND`` in the home dir (what sshd does). The
 command is one argv element: it reaches a shell only inside the container, never
 on the host, so quotes, ``$()`` and newlines mean exactly what the user typed.
+
+``srun`` keeps its default verbosity: in the normal case it prints nothing, and when
+SLURM holds step creation (e.g. for a while after a slurmctld restart) its
+"step creation temporarily disabled, retrying" line tells the user why they wait.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ def _identity(user: str, project: str, term: str) -> list[str]:
 
 def shell_argv(job_id: str, instance: str, user: str, project: str, term: str | None) -> list[str]:
     """Interactive login shell under ``srun --pty`` (the broker owns the local pty)."""
-    return ["srun", "--overlap", "--pty", "--quiet", f"--jobid={validate_job_id(job_id)}",
+    return ["srun", "--overlap", "--pty", f"--jobid={validate_job_id(job_id)}",
             "apptainer", "exec", *_identity(user, project, term or ""),
             f"instance://{validate_instance_name(instance)}", "/bin/bash", "-c", SHELL_ENTRY_SNIPPET]
 
@@ -59,7 +63,7 @@ def command_argv(job_id: str, instance: str, user: str, project: str, command: s
         inner = ["/bin/bash", "-c", command]
     # --unbuffered: without it slurmstepd holds task output until a newline, which
     # stalls every binary protocol (sftp, scp, rsync) waiting for a reply.
-    return ["srun", "--overlap", *(["--pty"] if tty else ["--unbuffered"]), "--quiet",
+    return ["srun", "--overlap", *(["--pty"] if tty else ["--unbuffered"]),
             f"--jobid={validate_job_id(job_id)}",
             "apptainer", "exec", *_identity(user, project, term or ""),
             "--pwd", f"/home/{validate_username(user)}",

@@ -14,8 +14,8 @@ import sys
 
 #: srun's own report of a non-zero exit (``error()`` in srun's launch code). No srun
 #: option removes only this line: ``--quiet`` twice lowers srun's log level to "fatal",
-#: which also hides real errors (e.g. "Unable to create step for job J"). So srun runs
-#: with one ``--quiet`` and exactly this line is dropped from its stderr.
+#: which also hides real errors (e.g. "Unable to create step for job J"). So srun keeps
+#: its default verbosity and exactly this line is dropped from its stderr.
 SRUN_EXIT_LINE = re.compile(rb"srun: error: [^\s:]+: tasks? [0-9,\[\]-]+: Exited with exit code [0-9]+\n")
 _SRUN_PREFIX = b"srun: error: "
 #: How long a line start that may be srun's report is held back before it is passed on.
