@@ -366,9 +366,6 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 KillWait=5
 MinJobAge=300
-# slurmctld pings nodes every SlurmdTimeout/3: after a controller restart, steps (srun) into
-# running jobs wait until the node has answered once (about 100 s with the default 300).
-SlurmdTimeout=30
 MailProg=/bin/true
 NodeName={h} CPUs={C.NODE_CPUS} RealMemory={C.NODE_MEMORY_MB} State=UNKNOWN
 PartitionName={C.PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
