@@ -108,7 +108,7 @@ def test_start_failures(app, image):
 
 
 def test_instance_is_daemonized(app, inst):
-    _state(app, inst)
+    st = _state(app, inst)
     with open(f"/proc/{st['ppid']}/stat") as f:
         fields = f.read().split(") ", 1)[1].split()
     sid = int(fields[3])
