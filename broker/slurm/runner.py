@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import anyio
 import anyio.abc
 
+from .. import log as _log
 from ..identity import User
 from .errors import CommandFailed, ControllerUnavailable, NotFound
 from .parse import classify_stderr
@@ -91,6 +92,8 @@ class Runner:
             raise CommandFailed(argv, None, str(exc), f"{argv[0]} could not be started: {exc}") from None
         result = Result(argv, proc.returncode, proc.stdout.decode(errors="replace"),
                         proc.stderr.decode(errors="replace"), time.monotonic() - started)
+        _log.get("sbroker.slurm").debug("slurm_call", argv=argv[:2], user=user.name if user else "root",
+                                        rc=result.returncode, seconds=round(result.seconds, 4))
         if check and result.returncode != 0:
             raise_for(result)
         return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import subprocess
 
@@ -12,13 +13,21 @@ from broker.client import BrokerError, Client
 from tests.cluster import config as tb
 
 from .conftest import ALICE, BOB, ensure_as, jobs_of, sbroker, sbroker_json, tagged_jobs
-from .daemon import SOCKET, STATE_DIR
+from .daemon import LOG_PATH, SOCKET, STATE_DIR
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 
+def slurm_calls_since(offset: int) -> list[dict]:
+    """The daemon's own record of every SLURM command it ran (debug log), after ``offset``."""
+    with open(LOG_PATH) as fh:
+        fh.seek(offset)
+        return [json.loads(line) for line in fh if '"slurm_call"' in line]
+
+
 def test_ensure_creates_one_job_and_reuses_it(broker):
     before = tagged_jobs(ALICE)
+    first_mark = LOG_PATH.stat().st_size
     first = ensure_as(ALICE, "alpha")
     assert first["type"] == "result", first
     session = first["session"]
@@ -32,7 +41,13 @@ def test_ensure_creates_one_job_and_reuses_it(broker):
     listed = subprocess.run(tb.as_user(ALICE, f"{tb.BIN}/apptainer", "instance", "list", "--json"),
                             capture_output=True, text=True, check=True, cwd="/").stdout
     assert f'"instance": "{session["instance"]}"' in listed
+    first_calls = slurm_calls_since(first_mark)
+    assert [c["user"] for c in first_calls if c["argv"][0] == "sbatch"] == [ALICE]
+    log_mark = LOG_PATH.stat().st_size
     second = ensure_as(ALICE, "alpha")
+    # The second ensure itself runs nothing: only the poller's one batched squeue may appear.
+    calls = slurm_calls_since(log_mark)
+    assert all(c["argv"] == ["squeue", "--noheader"] for c in calls), calls
     assert second["session"]["id"] == session["id"]
     assert second["session"]["job_id"] == session["job_id"]
     assert tagged_jobs(ALICE) - before == {session["job_id"]}
