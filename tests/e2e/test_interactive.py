@@ -87,6 +87,14 @@ def test_prompt_is_inside_the_container(login):
     assert s.run("tty").strip().startswith(b"/dev/pts/")
 
 
+def test_keys_typed_before_the_prompt_are_not_lost(login):
+    """Type-ahead right after ``ssh``: srun switches its terminal to raw mode with a flush,
+    so the broker holds early keys until the shell side has spoken."""
+    s = login(set_prompt=False)
+    s.sendline("echo TYPE''AHEAD_$((6*7))")
+    s.child.expect(rb"TYPEAHEAD_42", timeout=60)
+
+
 def test_window_size_follows_resize(login):
     s = login(rows=33, cols=101)
     assert s.run("stty size").strip() == b"33 101"
