@@ -79,6 +79,9 @@ class Manager:
         self.poll_cycles = 0
         self.poll_seconds = 0.0
         self.failures: dict[str, int] = defaultdict(int)
+        #: Sessions that ended or failed since start, by state (they leave ``sessions``;
+        #: the store keeps them).
+        self.finished: dict[str, int] = defaultdict(int)
         self.time_to_ready: list[float] = []
         #: Called with ``(session, old_state)`` after every state change (attach hub, metrics).
         self.on_change: list[Callable[[Session, State], None]] = []
@@ -105,7 +108,11 @@ class Manager:
                       job_id=session.job_id, instance=session.instance, old=old.value, new=new.value,
                       reason=session.reason)
         if new in TERMINAL:
+            # Forget it in memory (months of sessions must not pile up here); the store keeps it.
             self._cancel_sent.pop(session.job_id, None)
+            self._absent_since.pop(session.job_id, None)
+            self.sessions.pop(session.id, None)
+            self.finished[new.value] += 1
             if self.by_key.get(session.key) is session:
                 del self.by_key[session.key]
             self.audit.record("session_" + new.value, user=session.user, project=session.project,

@@ -46,7 +46,7 @@ class LiveCollector:
         m = self.manager
         by_state = GaugeMetricFamily("sbroker_sessions", "Sessions known to the broker, by state "
                                      "(ended and failed: since the daemon started)", labels=["state"])
-        counts = {s.value: 0 for s in State}
+        counts = {s.value: m.finished.get(s.value, 0) for s in State}
         for session in list(m.sessions.values()):
             counts[session.state.value] += 1
         for state, n in counts.items():

@@ -112,3 +112,15 @@ def test_marker_reader_does_not_follow_symlinks(tmp_path):
     link = tmp_path / "log"
     link.symlink_to(target)
     assert _MarkerReader(Path(link)).poll() is None
+
+
+def test_finished_sessions_leave_memory_but_stay_findable(manager):
+    s = tracked(manager, State.READY)
+    manager.apply(s, info("COMPLETED"), 100.0)
+    assert s.state == State.ENDED
+    assert s.id not in manager.sessions and manager.current("alice", "p") is None
+    assert manager.finished["ended"] == 1
+    from broker.identity import User
+
+    owner = User("alice", 1000, 1000, (1000,), "/home/alice", "/bin/bash")
+    assert manager.resolve(s.id, owner, admin=False).state == State.ENDED  # from the store

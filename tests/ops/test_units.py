@@ -74,12 +74,12 @@ def test_ls_table_columns_fit_80_and_show_everything_asked_for():
 def _fake_manager(tmp_path: Path) -> SimpleNamespace:
     cfg = parse({**GOOD, "broker": {"metrics_socket": str(tmp_path / "metrics.sock"), "admin_group": "nogroup"}})
     sessions = {}
-    for state in (State.READY, State.READY, State.PENDING, State.FAILED):
+    for state in (State.READY, State.READY, State.PENDING):
         s = Session(user="u", uid=1000, project="p")
         s.state = state
         sessions[s.id] = s
     return SimpleNamespace(
-        config=cfg, sessions=sessions, failures={"instance failed to start": 2},
+        config=cfg, sessions=sessions, failures={"instance failed to start": 2}, finished={"failed": 1},
         runner=SimpleNamespace(calls=collections.Counter({"squeue": 5, "sbatch": 1})),
         poll_cycles=4, poll_seconds=0.2, time_to_ready=[2.5, 3.5], controller_ok=True,
         audit=SimpleNamespace(failures=1))
@@ -118,6 +118,7 @@ async def test_metrics_endpoint_serves_parseable_text_and_refuses_garbage(tmp_pa
         assert samples[("sbroker_sessions", (("state", "ready"),))] == 2
         assert samples[("sbroker_sessions", (("state", "pending"),))] == 1
         assert samples[("sbroker_sessions", (("state", "ended"),))] == 0
+        assert samples[("sbroker_sessions", (("state", "failed"),))] == 1
         assert samples[("sbroker_session_failures_total", (("reason", "instance failed to start"),))] == 2
         assert samples[("sbroker_scheduler_calls_total", (("command", "squeue"),))] == 5
         assert samples[("sbroker_poll_cycle_seconds_count", ())] == 4
