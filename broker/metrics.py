@@ -37,10 +37,11 @@ REQUEST_TIMEOUT = 5.0
 class LiveCollector:
     """Reads the daemon's live objects at scrape time (a prometheus-client custom collector)."""
 
-    def __init__(self, manager: Any, hub: Any = None, ops: Any = None) -> None:
+    def __init__(self, manager: Any, hub: Any = None, ops: Any = None, owner: Metrics | None = None) -> None:
         self.manager = manager
         self.hub = hub
         self.ops = ops
+        self.owner = owner
 
     def collect(self) -> Iterator[Metric]:
         m = self.manager
@@ -94,8 +95,9 @@ class LiveCollector:
             for kind, n in sorted(self.ops.reaper.totals.items()):
                 reaped.add_metric([kind], n)
             yield reaped
+        if self.owner is not None:
             yield CounterMetricFamily("sbroker_bad_scrapes", "Metrics requests refused as malformed",
-                                      value=self.ops.metrics.bad_requests if self.ops.metrics else 0)
+                                      value=self.owner.bad_requests)
 
 
 class Metrics:
@@ -112,10 +114,10 @@ class Metrics:
                                        buckets=SHELL_BUCKETS, registry=self.registry)
         for path in ("cold", "warm"):
             self.time_to_shell.labels(path)
-        self.registry.register(LiveCollector(manager, hub, ops))
         self.servers: list[asyncio.base_events.Server] = []
         self.bad_requests = 0
         self.scrapes = 0
+        self.registry.register(LiveCollector(manager, hub, ops, self))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

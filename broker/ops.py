@@ -28,6 +28,7 @@ import time
 from typing import Any
 
 from . import log as _log
+from .attach import AttachHub
 from .manager import Manager, SessionError
 from .metrics import Metrics
 from .reaper import Reaper
@@ -39,16 +40,15 @@ TICK = 1.0
 
 
 class Operations:
-    def __init__(self, manager: Manager, server: Server, hub: Any = None) -> None:
+    def __init__(self, manager: Manager, server: Server, hub: AttachHub) -> None:
         self.manager = manager
         self.server = server
         self.config = manager.config
-        self.hub = hub if hub is not None else getattr(getattr(server, "describe_extra", None), "__self__", None)
+        self.hub = hub
         self.log = _log.get("sbroker.ops")
         self.counts: collections.Counter[str] = collections.Counter()
         self.reaper = Reaper(manager)
-        self.metrics: Metrics | None = None
-        self.metrics = Metrics(manager, self.hub, self)
+        self.metrics = Metrics(manager, hub, self)
         self._idle_warned: dict[str, float] = {}
         self._seen_attached: dict[str, float] = {}
         self._walltime_sent: dict[str, set[int]] = {}
@@ -64,11 +64,9 @@ class Operations:
 
     def _observe_ensure(self, session: Session, warm: bool, seconds: float) -> None:
         """The time-to-shell histogram: cold = this login waited for a new session."""
-        if self.metrics is not None:
-            self.metrics.time_to_shell.labels("warm" if warm else "cold").observe(seconds)
+        self.metrics.time_to_shell.labels("warm" if warm else "cold").observe(seconds)
 
     async def _start_metrics(self) -> None:
-        assert self.metrics is not None
         try:
             await self.metrics.start()
         except (OSError, StartupError) as exc:
@@ -92,8 +90,7 @@ class Operations:
                 await task
             except (asyncio.CancelledError, Exception):
                 pass
-        if self.metrics is not None:
-            await self.metrics.close()
+        await self.metrics.close()
 
     # ------------------------------------------------------------------ policy
 
