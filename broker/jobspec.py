@@ -8,6 +8,7 @@ tags and places the files.
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +33,6 @@ class JobSpec:
 
 def check_project(config: Config, project: str) -> str:
     """Apply the allowed-projects rule; raise ``ValueError`` naming the field and rule."""
-    import re
-
     v.validate_slug(project, "project")
     if config.projects:
         if project not in config.projects:
@@ -46,7 +45,9 @@ def check_project(config: Config, project: str) -> str:
 def instance_name(user: str, project: str, token: str | None = None) -> str:
     """Unique per submission, so a stale instance never blocks a new one (B5)."""
     token = token or secrets.token_hex(3)
-    return v.validate_instance_name(f"sb-{user}-{project}-{token}"[:64])
+    # Long user and project names are shortened, never the token: it is what keeps names unique.
+    readable = f"sb-{user}-{project}"[:v.MAX_NAME_LENGTH - len(token) - 1].rstrip("-._")
+    return v.validate_instance_name(f"{readable}-{token}")
 
 
 def jobs_dir(config: Config, user: str) -> Path:

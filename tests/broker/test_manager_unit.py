@@ -124,3 +124,12 @@ def test_finished_sessions_leave_memory_but_stay_findable(manager):
 
     owner = User("alice", 1000, 1000, (1000,), "/home/alice", "/bin/bash")
     assert manager.resolve(s.id, owner, admin=False).state == State.ENDED  # from the store
+
+
+def test_instance_names_keep_their_token_when_names_are_long():
+    from broker.jobspec import instance_name
+
+    user, project = "u" * 32, "p" * 32
+    a, b = instance_name(user, project, "aaaaaa"), instance_name(user, project, "bbbbbb")
+    assert a != b and a.endswith("-aaaaaa") and len(a) <= 64
+    assert instance_name("alice", "proj1", "0f0f0f") == "sb-alice-proj1-0f0f0f"
