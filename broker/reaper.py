@@ -72,6 +72,9 @@ class Reaper:
             await self._orphan_jobs(jobs, report, dry_run)
             await self._stale_instances(jobs, report, dry_run)
             self._old_job_files(jobs, report, dry_run)
+        if not dry_run:
+            report["pruned_sessions"] = self.manager.store.prune_finished(
+                time.time() - self.config.reaper_retention)
         report["seconds"] = round(time.time() - started, 3)
         found = {k: len(report[k]) for k in ("orphan_jobs", "stale_instances", "old_job_files")}
         if not dry_run:

@@ -69,5 +69,14 @@ class Store:
         rows = self.db.execute("SELECT doc FROM sessions ORDER BY updated DESC LIMIT ?", (limit,)).fetchall()
         return [Session.from_dict(json.loads(doc)) for (doc,) in rows]
 
+    def prune_finished(self, before: float) -> int:
+        """Delete ended and failed sessions last updated before ``before``; return how many.
+
+        The audit log keeps the history; the store only needs what may come back to life.
+        """
+        terminal = tuple(s.value for s in TERMINAL)
+        cursor = self.db.execute("DELETE FROM sessions WHERE state IN (?, ?) AND updated < ?", (*terminal, before))
+        return cursor.rowcount
+
     def close(self) -> None:
         self.db.close()

@@ -65,3 +65,17 @@ def test_store_refuses_newer_schema(tmp_path):
     store.close()
     with pytest.raises(RuntimeError, match="newer"):
         Store(tmp_path / "s.db")
+
+
+def test_prune_finished_keeps_live_and_recent(tmp_path):
+    store = Store(tmp_path / "s.db")
+    old_dead, new_dead, old_live = (Session(user="a", uid=1, project=p) for p in ("x", "y", "z"))
+    old_dead.move(State.FAILED, "boom")
+    new_dead.move(State.FAILED, "boom")
+    old_live.move(State.SUBMITTED)
+    old_dead.updated = old_live.updated = 1000.0
+    for s in (old_dead, new_dead, old_live):
+        store.save(s)
+    assert store.prune_finished(before=2000.0) == 1
+    assert store.get(old_dead.id) is None
+    assert store.get(new_dead.id) is not None and store.get(old_live.id) is not None
