@@ -11,6 +11,7 @@ from pathlib import Path
 
 from broker.audit import Audit
 from broker.config import Config
+from broker import manager as manager_module
 from broker.manager import Manager
 from broker.session import Session, State
 from broker.slurm.runner import Runner
@@ -58,9 +59,13 @@ async def _broker_window(job_ids: list[str], seconds: float, tmp: Path) -> int:
                  path=bed.PATH, gone_grace=3600)
     runner = Runner(path=bed.PATH, slurm_conf=str(tb.SLURM_CONF))
     mgr = Manager(cfg, runner, Store(tmp / "sessions.db"), Audit(tmp / "audit.jsonl"))
+    # The jobs are held, so the sessions are pending (a ready session whose job pends again is
+    # treated as requeued and ended). Pending sessions make the poller use its fast cycle; pin
+    # that to CYCLE too, so both sides poll once per CYCLE.
+    manager_module.FAST_POLL = CYCLE
     for i, job_id in enumerate(job_ids):
         s = Session(user=tb.ADMIN, uid=0, project=f"p{i}", job_id=job_id, instance=f"sb-x-p{i}-000000",
-                    state=State.READY, node="n")
+                    state=State.PENDING, node="n", submitted_at=time.time())
         mgr._track(s)
     task = asyncio.ensure_future(mgr.run_poller())
     await asyncio.sleep(seconds)
