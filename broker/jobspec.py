@@ -46,7 +46,7 @@ def instance_name(user: str, project: str, token: str | None = None) -> str:
     """Unique per submission, so a stale instance never blocks a new one (B5)."""
     token = token or secrets.token_hex(3)
     # Long user and project names are shortened, never the token: it is what keeps names unique.
-    readable = f"sb-{user}-{project}"[:v.MAX_NAME_LENGTH - len(token) - 1].rstrip("-._")
+    readable = f"sb-{user}-{project}"[:v.MAX_NAME_LENGTH - len(token) - 1]
     return v.validate_instance_name(f"{readable}-{token}")
 
 
