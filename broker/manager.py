@@ -255,15 +255,11 @@ class Manager:
             await asyncio.sleep(READ_INTERVAL)
 
     async def _mark_ready(self, session: Session) -> None:
+        # The user is waiting for a prompt: no SLURM call here. When the marker beat the
+        # poller to the job, the node and time left are not known yet; waking the poller
+        # fills them in with its next (batched) squeue, a few milliseconds later.
         if not session.node:
-            try:
-                result = await self.runner.run(commands.squeue_jobs([session.job_id]))
-                info = parse_squeue(result.stdout).get(session.job_id)
-                if info:
-                    session.node = info.nodes
-                    session.time_left = info.time_left
-            except SlurmError as exc:
-                self.log.warning("node_lookup_failed", session=session.id, error=exc.reason)
+            self._wake.set()
         if session.state in (State.SUBMITTED, State.PENDING):
             session.running_at = session.running_at or time.time()
             self.transition(session, State.STARTING, "job running")

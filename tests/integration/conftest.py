@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -62,6 +63,16 @@ def ensure_as(user: str, project: str) -> dict:
         capture_output=True, text=True, timeout=180, cwd="/")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
+
+
+def wait_node(user: str, session_id: str, timeout: float = 5.0) -> str:
+    """The session's node as ``show`` reports it, waiting (bounded) for the poller to fill it in."""
+    deadline = time.monotonic() + timeout
+    while True:
+        node = sbroker_json(user, "show", session_id)["node"]
+        if node or time.monotonic() > deadline:
+            return node
+        time.sleep(0.1)
 
 
 def tagged_jobs(user: str) -> set[str]:

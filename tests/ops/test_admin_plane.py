@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from tests.cluster import config as tb
-from tests.integration.conftest import ALICE, BOB, ensure_as, jobs_of, sbroker, sbroker_json
+from tests.integration.conftest import ALICE, BOB, ensure_as, jobs_of, sbroker, sbroker_json, wait_node
 
 from .conftest import attach, audit_entries, instances_of, metric_samples, scrape, wait_for
 
@@ -24,6 +24,8 @@ def two_sessions(start_broker):
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         alice, bob = pool.map(lambda a: ensure_as(*a), [(ALICE, "alpha"), (BOB, "beta")])
     assert alice["type"] == "result" and bob["type"] == "result", (alice, bob)
+    for user, reply in ((ALICE, alice), (BOB, bob)):  # node: the poller's next squeue after ready
+        assert wait_node(user, reply["session"]["id"]) == tb.hostname()
     return {"alice": alice["session"], "bob": bob["session"], "metrics_before": before}
 
 
