@@ -36,7 +36,8 @@ METHOD = """\
 | --- | --- | --- |
 | warm attach (ssh) | `ssh -tt sbalice@127.0.0.1` → sshd ForceCommand `sbroker login` → `ensure` + `attach` → broker spawns `srun --overlap --pty … apptainer exec instance://N` under its own pty and bridges it; timed from spawning `ssh` until the prompt is read on our pty | `ssh -tt sbadmin@127.0.0.1 'srun --overlap --pty --jobid=J apptainer exec … instance://N /bin/bash -c <shell entry>'` into sbadmin's own allocation of the same start script (what a user without sbroker types) |
 | warm attach (local) | `sbroker login` run as sbalice on a local pty (the ForceCommand minus ssh) | the identical `srun` argv the broker spawns, run by hand as sbalice, same job and instance |
-| cold time to shell | first `ssh` login for a new project: sbatch → `INSTANCE_READY` → attach → prompt | `sbatch` of the same start script as the same user, until `INSTANCE_READY` is in its output file (polled every 5 ms) |
+| cold time to shell | first login for a new project, `sbroker login` on a local pty (the ForceCommand minus ssh) and, in a second row, through `ssh`: sbatch → `INSTANCE_READY` → attach → prompt | `sbatch` of the same start script as the same user, until `INSTANCE_READY` is in its output file (polled every 5 ms); all sides of a round start at the same random phase of the wall-clock second |
+| cold, end to end | first `ssh` login → prompt | `ssh` + `sbatch` + wait for the marker + `srun --overlap --pty` → prompt, as sbadmin |
 | readiness delay | marker appended to a job log → manager's `_await_ready` moves the session to `ready` (persisted) | — (absolute goal) |
 | scheduler load | the manager's real poller (`run_poller`) over N tracked sessions whose jobs are held in SLURM | one `squeue -h -j ID -o '%T %B'` per session per cycle (batchspawner's query), one at a time |
 | pty throughput / keys | `cat` of a large file, and single-byte echo in `cat >/dev/null`, through `sbroker login` ↔ broker ↔ `srun --pty` | the same through `srun --pty` by hand, same instance, both terminals open at once |
@@ -49,6 +50,11 @@ against a bare local `srun` would charge sbroker for ssh's key exchange. The raw
 `sbadmin` (the only test user without the ForceCommand) in its own allocation, which starts from
 the same start script and image. The "local" row removes ssh from both sides and uses the very
 same job and instance: it is the broker's own cost and the stricter number.
+
+**Why the no-ssh pairing is the issue's for cold start.** The raw side, `sbatch` → marker, has no
+ssh in it, so the sbroker side is timed from `sbroker login` (what sshd's ForceCommand runs) to
+the prompt. It still pays the login client and the whole attach up to a prompt, which the raw
+side does not. The ssh row charges ssh to sbroker alone and is there for context.
 
 **Prompt detection.** The broker builds the shell's environment itself (no client-supplied
 `PS1`/`PROMPT_COMMAND`), and the user's `~/.bashrc` sets `PS1` anyway, so the detector matches

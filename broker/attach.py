@@ -196,17 +196,27 @@ class AttachHub:
             term.reading = False
 
     def _on_output(self, term: Terminal) -> None:
-        try:
-            data = os.read(term.master, p.MAX_DATA)
-        except BlockingIOError:
-            return
-        except OSError:  # EIO: the last process holding the slave has gone
-            self._stop_reading(term)
-            return
-        if not data:
-            self._stop_reading(term)
-            return
-        self._deliver(term, data)
+        # A pty read returns at most a few KiB. Under a stream of output, reading until the
+        # pty is empty (or a frame is full) sends one frame and one socket write instead of
+        # one per read, which is most of the bridge's cost per byte.
+        chunks: list[bytes] = []
+        size = 0
+        while size < p.MAX_DATA:
+            try:
+                data = os.read(term.master, p.MAX_DATA - size)
+            except BlockingIOError:
+                break
+            except OSError:  # EIO: the last process holding the slave has gone
+                data = b""
+            if not data:
+                if not chunks:
+                    self._stop_reading(term)
+                    return
+                break  # deliver what was read; the next callback sees the end again
+            chunks.append(data)
+            size += len(data)
+        if chunks:
+            self._deliver(term, chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     def _deliver(self, term: Terminal, data: bytes) -> None:
         term.record(data)

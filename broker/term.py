@@ -126,7 +126,7 @@ def attach(session: str, *, mode: str = "write", client: Client | None = None, r
                         rows, cols = window_size(stdin if os.isatty(stdin) else stdout)
                         client.send({"type": "resize", "rows": rows, "cols": cols})
                     else:
-                        chunk = client.sock.recv(1 << 16)
+                        chunk = client.sock.recv(1 << 18)
                         if not chunk:
                             raw.restore()
                             sys.stderr.write("sbroker: connection to the broker was lost\r\n")
@@ -145,16 +145,26 @@ def attach(session: str, *, mode: str = "write", client: Client | None = None, r
 
 
 def _handle_frames(frames: list[tuple[bytes, bytes]], stdout: int) -> int | None:
-    """Write output frames; return the exit status once the shell has ended."""
+    """Write output frames; return the exit status once the shell has ended.
+
+    Consecutive output frames go out in one write: fewer system calls per byte on a
+    stream of output, and the terminal sees the same bytes in the same order.
+    """
+    pending: list[bytes] = []
     for kind, payload in frames:
         if kind == p.KIND_OUTPUT:
-            _write_all(stdout, payload)
+            pending.append(payload)
             continue
+        if pending:
+            _write_all(stdout, b"".join(pending))
+            pending = []
         message = p.decode_json(payload)
         if message.get("type") == "exit":
             return int(message.get("status", EXIT_LOST))
         if message.get("type") == "error":
             raise BrokerError(str(message.get("message")), str(message.get("code")))
+    if pending:
+        _write_all(stdout, b"".join(pending))
     return None
 
 
