@@ -27,7 +27,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # n per benchmark: full run (fits in 15 minutes on 2 cores) and --quick.
 SIZES = {
     "full": dict(readiness=200, verify=5, verify_mb=1024, import_n=20, sched_ns=[1, 10, 50, 200], sched_s=20.0,
-                 warm=15, pty=3, pty_mb=200, keys=200, cold=25, rss=1000, rss_restarts=5),
+                 warm=30, pty=3, pty_mb=200, keys=200, cold=25, rss=1000, rss_restarts=5),
     "quick": dict(readiness=30, verify=2, verify_mb=128, import_n=5, sched_ns=[1, 10], sched_s=5.0,
                   warm=3, pty=1, pty_mb=20, keys=30, cold=2, rss=1000, rss_restarts=1),
 }

@@ -205,7 +205,9 @@ class Manager:
         self.store.save(session)
         try:
             _write_job_files(spec, user)
-            if self.config.create_project_dir:
+            # Created as the user, never by root (root-squashed NFS); a stat that root is
+            # refused there reads as "missing" and costs only the mkdir.
+            if self.config.create_project_dir and not os.path.isdir(spec.host_project_dir):
                 await self.runner.run(["mkdir", "-p", "--", spec.host_project_dir], user=user)
             result = await self.runner.run(spec.sbatch_argv, user=user, input=spec.script.encode())
             job_id = parse_sbatch(result.stdout)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import pwd
 import subprocess
+import time
 
 import pytest
 
@@ -54,6 +56,26 @@ def test_ensure_creates_one_job_and_reuses_it(broker):
     assert second["session"]["id"] == session["id"]
     assert second["session"]["job_id"] == session["job_id"]
     assert tagged_jobs(ALICE) - before == {session["job_id"]}
+
+
+def test_project_dir_is_created_by_the_user_only_when_missing(broker):
+    home = f"/home/{ALICE}/proj"
+    subprocess.run(["rm", "-rf", f"{home}/fresh", f"{home}/kept"], check=True)
+    subprocess.run(tb.as_user(ALICE, "mkdir", "-p", f"{home}/kept"), check=True, cwd="/")
+    mark = LOG_PATH.stat().st_size
+    sessions = [ensure_as(ALICE, project)["session"] for project in ("fresh", "kept")]
+    for session in sessions:
+        assert session["state"] == "ready"
+        sbroker(ALICE, "kill", session["id"])  # the other tests here expect alice to have no others
+    mkdirs = [c for c in slurm_calls_since(mark) if c["argv"][0] == "mkdir"]
+    assert [c["user"] for c in mkdirs] == [ALICE], mkdirs  # the missing one, as alice; not the existing one
+    st = os.stat(f"{home}/fresh")
+    assert st.st_uid == pwd.getpwnam(ALICE).pw_uid
+    ids = {s["id"] for s in sessions}
+    deadline = time.monotonic() + 30
+    while ids & {s["id"] for s in sbroker_json(ALICE, "ls")}:  # ending until SLURM says the jobs are gone
+        assert time.monotonic() < deadline, "killed sessions still listed after 30 s"
+        time.sleep(0.2)
 
 
 def test_concurrent_first_logins_make_exactly_one_job(broker):
