@@ -7,7 +7,6 @@ import pwd
 import re
 import subprocess
 import sys
-import time
 import uuid
 
 import pexpect
@@ -15,6 +14,7 @@ import pytest
 
 from tests.cluster import config as C
 from tests.cluster import harness
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -28,17 +28,6 @@ def home(user: str) -> str:
 def run_as(user: str, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run(C.as_user(user, *argv), cwd=home(user), capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-
-
-def wait_for(pred, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last: {value!r})")
-        time.sleep(interval)
 
 
 def submit(user: str, *args: str) -> str:

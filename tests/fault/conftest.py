@@ -18,7 +18,6 @@ import os
 import shutil
 import sqlite3
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import pytest
 
 from tests.cluster import config as tb
 from tests.integration.daemon import LOG_PATH, SOCKET, STATE_DIR, BrokerProcess, reset_state
+from tests.waiting import wait_for
 
 ALICE, BOB = tb.USERS
 GATE_BIN = Path("/run/sbroker-fault/bin")
@@ -135,17 +135,6 @@ def instances_of(user: str) -> set[str]:
     return {i["instance"] for i in json.loads(res.stdout or "{}").get("instances", [])}
 
 
-def wait_for(pred, timeout: float, interval: float = 0.1, what="condition"):
-    """Poll ``pred`` until truthy; ``what`` (text, or a callable giving it) explains a timeout."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = pred()
-        if last:
-            return last
-        time.sleep(interval)
-    what = what() if callable(what) else what
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last: {last!r})")
 
 
 def broker_log_since(offset: int) -> str:
@@ -227,4 +216,4 @@ def gated_broker(fresh) -> Iterator[BrokerProcess]:
     proc.stop()
 
 
-__all__ = ["ALICE", "BOB", "SOCKET", "STATE_DIR", "BrokerProcess"]
+__all__ = ["ALICE", "BOB", "SOCKET", "STATE_DIR", "BrokerProcess", "wait_for"]

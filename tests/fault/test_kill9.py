@@ -114,7 +114,7 @@ def one_round(proc, pool, rnd: int, report: dict[str, int]) -> None:
     # requested with a job: sbatch has submitted, the broker has not heard the id
     close_gate("sbatch")
     futures.append(background(pool, *keys["requested"]))
-    row = wait_for(lambda: row_for(keys["requested"]), 10, what="requested row")
+    wait_for(lambda: row_for(keys["requested"]), 10, what="requested row")
     wait_for(lambda: row_for(keys["requested"])["instance"], 10, what="instance name chosen")
     instance = row_for(keys["requested"])["instance"]
     wait_for(lambda: any(j["instance"] == instance for j in active_tagged_jobs()), 20,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from collections.abc import Iterator
 
 import pytest
 
 from tests.cluster import config as tb
+from tests.waiting import wait_for
 
 from .daemon import SOCKET, BrokerProcess, client_as, reset_state
 
@@ -65,14 +65,10 @@ def ensure_as(user: str, project: str) -> dict:
     return json.loads(result.stdout)
 
 
-def wait_node(user: str, session_id: str, timeout: float = 5.0) -> str:
-    """The session's node as ``show`` reports it, waiting (bounded) for the poller to fill it in."""
-    deadline = time.monotonic() + timeout
-    while True:
-        node = sbroker_json(user, "show", session_id)["node"]
-        if node or time.monotonic() > deadline:
-            return node
-        time.sleep(0.1)
+def wait_node(user: str, session_id: str) -> object:
+    """The session's node as ``show`` reports it, once the poller has filled it in (≤ 5 s)."""
+    return wait_for(lambda: sbroker_json(user, "show", session_id)["node"], 5, "the node of the session",
+                    interval=0.1)
 
 
 def tagged_jobs(user: str) -> set[str]:

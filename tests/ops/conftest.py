@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import tests.integration.daemon as d
 from tests.cluster import config as tb
 from tests.integration.daemon import SOCKET, STATE_DIR, BrokerProcess, reset_state
+from tests.waiting import wait_for  # noqa: F401  (the ops tests import it from here)
 
 METRICS_SOCKET = Path("/run/sbroker-test/metrics.sock")
 
@@ -82,16 +82,6 @@ def audit_entries(path: Path = STATE_DIR / "audit.jsonl") -> list[dict]:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     except FileNotFoundError:
         return []
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.3) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
 
 
 def attach(user: str, session_id: str) -> pexpect.spawn:
