@@ -54,8 +54,17 @@ class Running:
         return line
 
     def finish(self, timeout: float = 15) -> tuple[int, list[str]]:
-        while self.next_line(timeout) is not None:
-            pass
+        try:
+            while self.next_line(timeout) is not None:
+                pass
+        except queue.Empty:
+            # Say where the script was: its processes and its stderr (it was seen to hang once).
+            tree = subprocess.run(["ps", "-o", "pid,ppid,stat,args", "--ppid", str(self.proc.pid)],
+                                  capture_output=True, text=True).stdout
+            self.kill()
+            stderr = self.proc.stderr.read() if self.proc.stderr else ""
+            raise AssertionError(f"no end of stdout within {timeout:g}s; stdout so far {self.seen}; "
+                                 f"children:\n{tree}stderr:\n{stderr}") from None
         return self.proc.wait(timeout=timeout), self.seen
 
     def kill(self) -> None:
