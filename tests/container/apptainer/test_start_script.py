@@ -34,8 +34,11 @@ class Running:
 
     def __init__(self, script: Path, fake: FakeApptainer, poll: int = 1) -> None:
         env = {**fake.env(), "SBROKER_INSTANCE_POLL_SECONDS": str(poll), "TMPDIR": str(script.parent)}
+        # As slurmstepd starts a batch script: default signal dispositions. A signal ignored on
+        # entry (a test run under nohup ignores SIGHUP) cannot be trapped by bash at all.
         self.proc = subprocess.Popen(
-            ["bash", str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+            ["env", "--default-signal", "bash", str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env=env
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.seen: list[str] = []
