@@ -41,6 +41,9 @@ from .shells import safe_term, shell_argv
 WRITER_HIGH_WATER = 256 * 1024
 OBSERVER_LIMIT = 1024 * 1024
 INPUT_LIMIT = 1024 * 1024
+#: ``signal`` messages become the keys that raise them in the remote terminal: the shell's
+#: pty, not srun or the broker, knows which job is in the foreground.
+SIGNAL_KEYS = {"INT": b"\x03", "QUIT": b"\x1c"}
 _ids = itertools.count(1)
 
 
@@ -255,10 +258,19 @@ class AttachHub:
                 await self._write_input(term, payload)
             elif kind == p.KIND_JSON:
                 message = p.decode_json(payload)
-                if message.get("type") == "resize" and mode == "write" and term.writer is conn:
+                kind = message.get("type")
+                writer = mode == "write" and term.writer is conn
+                if kind == "resize" and writer:
                     rows, cols = _size(message)
                     set_winsize(term.master, rows, cols)
-                elif message.get("type") == "detach":
+                elif kind == "signal" and writer:
+                    key = SIGNAL_KEYS.get(message.get("signal"))  # type: ignore[arg-type]
+                    if key is None:
+                        raise p.ProtocolError("signal", f"must be one of {', '.join(SIGNAL_KEYS)}")
+                    term.last_input = time.time()
+                    term.session.last_activity = term.last_input
+                    await self._write_input(term, key)
+                elif kind == "detach":
                     return
 
     async def _write_input(self, term: Terminal, data: bytes) -> None:

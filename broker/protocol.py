@@ -21,7 +21,9 @@ across two reads arrives intact at the other end; binary is binary.
 Requests carry ``{"v": VERSION, "op": ...}``. They never name the user they act
 for: the daemon takes identity from ``SO_PEERCRED``. Replies are JSON frames with a
 ``type`` of ``progress``, ``result``, ``error`` or, while attached, ``attached``,
-``exit`` and ``notice``.
+``exit`` and ``notice``. While attached, the client sends ``I`` frames and JSON control
+messages of ``type`` ``resize`` (rows, cols), ``signal`` (``INT`` or ``QUIT``: the client was
+sent that signal and passes it on to the shell's foreground job), ``eof`` and ``detach``.
 """
 
 from __future__ import annotations

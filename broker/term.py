@@ -80,21 +80,21 @@ def attach(session: str, *, mode: str = "write", client: Client | None = None, r
     os.set_blocking(wake_w, False)
     stop = {"signal": 0}
 
-    def on_winch(signum: int, frame: object) -> None:
+    wake = {signal.SIGWINCH: b"W", signal.SIGHUP: b"S", signal.SIGTERM: b"S"}
+    if mode == "write":  # passed on to the shell (in raw mode ^C and ^\ arrive as keys instead)
+        wake.update({signal.SIGINT: b"I", signal.SIGQUIT: b"Q"})
+    else:  # an interrupted observer stops observing
+        wake.update({signal.SIGINT: b"S", signal.SIGQUIT: b"S"})
+
+    def on_signal(signum: int, frame: object) -> None:
+        if wake[signum] == b"S":
+            stop["signal"] = signum
         try:
-            os.write(wake_w, b"W")
+            os.write(wake_w, wake[signum])
         except OSError:
             pass
 
-    def on_stop(signum: int, frame: object) -> None:
-        stop["signal"] = signum
-        try:
-            os.write(wake_w, b"S")
-        except OSError:
-            pass
-
-    old_handlers = {s: signal.signal(s, h) for s, h in
-                    ((signal.SIGWINCH, on_winch), (signal.SIGHUP, on_stop), (signal.SIGTERM, on_stop))}
+    old_handlers = {s: signal.signal(s, on_signal) for s in wake}
     sel = selectors.DefaultSelector()
     sel.register(client.sock, selectors.EVENT_READ, "sock")
     sel.register(wake_r, selectors.EVENT_READ, "wake")
@@ -123,8 +123,12 @@ def attach(session: str, *, mode: str = "write", client: Client | None = None, r
                         signals = os.read(wake_r, 64)
                         if b"S" in signals:
                             return 128 + stop["signal"]
-                        rows, cols = window_size(stdin if os.isatty(stdin) else stdout)
-                        client.send({"type": "resize", "rows": rows, "cols": cols})
+                        for byte, name in ((b"I", "INT"), (b"Q", "QUIT")):
+                            if byte in signals:
+                                client.send({"type": "signal", "signal": name})
+                        if b"W" in signals:
+                            rows, cols = window_size(stdin if os.isatty(stdin) else stdout)
+                            client.send({"type": "resize", "rows": rows, "cols": cols})
                     else:
                         chunk = client.sock.recv(1 << 18)
                         if not chunk:
