@@ -43,6 +43,9 @@ MARKER_READY = "INSTANCE_READY"
 MARKER_FAILED = "INSTANCE_FAILED"
 READ_INTERVAL = 0.02
 FAST_POLL = 0.5
+#: Least time between two polls however often the poller is woken: in a login storm every
+#: sbatch, readiness and kill wakes it, and those wakes must share one squeue.
+MIN_POLL_GAP = 0.25
 #: An ``ending`` session whose job SLURM still reports active gets ``scancel`` again after
 #: this long (the first one failed, or the broker died between ``ending`` and ``scancel``).
 CANCEL_RETRY = 5.0
@@ -306,6 +309,7 @@ class Manager:
 
     async def run_poller(self) -> None:
         """The one status loop: one ``squeue`` per cycle for every tracked job."""
+        last = -MIN_POLL_GAP
         while True:
             busy = any(s.state in (State.SUBMITTED, State.PENDING, State.STARTING, State.ENDING,
                                    State.UNKNOWN) for s in self.by_key.values())
@@ -315,7 +319,11 @@ class Manager:
                 await asyncio.wait_for(self._wake.wait(), interval)
             except asyncio.TimeoutError:
                 pass
+            gap = MIN_POLL_GAP - (time.monotonic() - last)
+            if gap > 0:
+                await asyncio.sleep(gap)  # wakes that arrive meanwhile are served by this poll
             self._wake.clear()
+            last = time.monotonic()
             await self.poll_once()
 
     async def poll_once(self) -> None:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 
 import pytest
 
 from broker.audit import Audit
 from broker.config import parse
-from broker.manager import Manager, _MarkerReader, parse_marker
+from broker.manager import MIN_POLL_GAP, Manager, _MarkerReader, parse_marker
 from broker.session import Session, State
 from broker.slurm.parse import JobInfo
-from broker.slurm.runner import Runner
+from broker.slurm.runner import Result, Runner
 from broker.store import Store
 
 
@@ -133,3 +135,33 @@ def test_instance_names_keep_their_token_when_names_are_long():
     a, b = instance_name(user, project, "aaaaaa"), instance_name(user, project, "bbbbbb")
     assert a != b and a.endswith("-aaaaaa") and len(a) <= 64
     assert instance_name("alice", "proj1", "0f0f0f") == "sb-alice-proj1-0f0f0f"
+
+
+class CountingRunner(Runner):
+    """Answers every command at once with no jobs, and counts the ``squeue`` calls."""
+
+    def __init__(self) -> None:
+        super().__init__(path="/usr/bin:/bin")
+        self.squeues = 0
+
+    async def run(self, argv, **kwargs):  # type: ignore[override]
+        self.squeues += argv[0] == "squeue"
+        return Result(list(argv), 0, "", "", 0.0)
+
+
+async def test_a_burst_of_wakes_shares_polls(tmp_path):
+    config = parse({"container": {"image": "/i.sif"}, "slurm": {"poll_interval": 30.0}})
+    runner = CountingRunner()
+    manager = Manager(config, runner, Store(tmp_path / "s.db"), Audit(tmp_path / "a.jsonl"))
+    tracked(manager, State.READY)
+    poller = asyncio.ensure_future(manager.run_poller())
+    try:
+        began = time.monotonic()
+        for _ in range(50):  # a login storm: 50 wakes within a second
+            manager._wake.set()
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(MIN_POLL_GAP)
+        seconds = time.monotonic() - began
+    finally:
+        poller.cancel()
+    assert 1 <= runner.squeues <= seconds / MIN_POLL_GAP + 2, (runner.squeues, seconds)
