@@ -253,27 +253,26 @@ class AttachHub:
             if kind == p.KIND_INPUT:
                 if mode != "write" or term.writer is not conn:
                     continue  # observers cannot type
-                term.last_input = time.time()
-                term.session.last_activity = term.last_input
                 await self._write_input(term, payload)
             elif kind == p.KIND_JSON:
                 message = p.decode_json(payload)
-                kind = message.get("type")
+                control = message.get("type")
                 writer = mode == "write" and term.writer is conn
-                if kind == "resize" and writer:
+                if control == "resize" and writer:
                     rows, cols = _size(message)
                     set_winsize(term.master, rows, cols)
-                elif kind == "signal" and writer:
+                elif control == "signal" and writer:
                     key = SIGNAL_KEYS.get(message.get("signal"))  # type: ignore[arg-type]
                     if key is None:
                         raise p.ProtocolError("signal", f"must be one of {', '.join(SIGNAL_KEYS)}")
-                    term.last_input = time.time()
-                    term.session.last_activity = term.last_input
                     await self._write_input(term, key)
-                elif kind == "detach":
+                elif control == "detach":
                     return
 
     async def _write_input(self, term: Terminal, data: bytes) -> None:
+        """Queue what the writer typed (keys or a passed-on signal): it is also activity."""
+        term.last_input = time.time()
+        term.session.last_activity = term.last_input
         term.pending_input += data
         self._flush_input(term)
         while len(term.pending_input) > INPUT_LIMIT and not term.closed:
