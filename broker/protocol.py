@@ -29,7 +29,9 @@ sent that signal and passes it on to the shell's foreground job), ``eof`` and ``
 from __future__ import annotations
 
 import json
+import re
 import struct
+from itertools import accumulate
 
 VERSION = 1
 
@@ -46,6 +48,16 @@ MAX_JSON = 64 * 1024
 MAX_REPLY = 64 * 1024 * 1024
 #: Terminal chunks: bounded so one frame never pins much memory.
 MAX_DATA = 64 * 1024
+#: Deepest nesting of arrays/objects a JSON frame may have. Real messages nest 4 levels;
+#: the bound is checked before ``json.loads`` so a hostile ``[[[[...`` frame is refused
+#: with an error reply instead of exhausting the recursion limit of the C decoder.
+MAX_DEPTH = 32
+
+# ``re`` costs ``sbroker login`` nothing: ``json.decoder`` imports it already.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+#: ``[``/``{`` open a level (+1), ``]``/``}`` close one (0xff: -1 as a signed byte).
+_LEVEL = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 
 #: Operations a client may request, and whether each needs the admin group for
 #: sessions it does not own (ownership is checked in the daemon, not here).
@@ -89,8 +101,22 @@ def parse_header(header: bytes, *, max_json: int = MAX_JSON) -> tuple[bytes, int
     return kind, length
 
 
+def json_depth(payload: bytes) -> int:
+    """The deepest array/object nesting in ``payload``, counted without parsing it.
+
+    String literals are removed first (a bracket inside a string is not nesting; a
+    UTF-8 multi-byte sequence never contains ``"`` or ``\\``), then the running sum of
+    the remaining brackets is taken in C (``accumulate``), so the check costs a few
+    microseconds per KiB and no recursion however deep the input.
+    """
+    skeleton = _JSON_STRING.sub(b"", payload).translate(_LEVEL, _NOT_BRACKET)
+    return max(accumulate(memoryview(skeleton).cast("b")), default=0)
+
+
 def decode_json(payload: bytes) -> dict[str, object]:
     """Decode a JSON frame payload into a dict, or raise :class:`ProtocolError`."""
+    if json_depth(payload) > MAX_DEPTH:
+        raise ProtocolError("frame", f"JSON nests deeper than {MAX_DEPTH} levels")
     try:
         message = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
