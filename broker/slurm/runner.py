@@ -2,8 +2,9 @@
 
 Commands for a user run *as* that user: uid, gid and supplementary groups are
 dropped in the child before exec, the environment is rebuilt from scratch and the
-working directory is the user's home. ``srun --uid`` is never used (it is gone
-since SLURM 23.02.5 and would run the client as root).
+working directory is the user's home, entered *as the user* (:func:`in_home`).
+``srun --uid`` is never used (it is gone since SLURM 23.02.5 and would run the
+client as root).
 
 Every call is bounded by a timeout; a timeout counts as "controller unavailable",
 because that is what a hung RPC means to the caller.
@@ -34,6 +35,24 @@ class Result:
     stdout: str
     stderr: str
     seconds: float
+
+
+#: ``sh -c`` program that enters the home given as ``$1`` and execs the rest of argv.
+#: ``$1``/``"$@"`` are arguments, never parsed as shell text; a home the user cannot
+#: enter (gone, unmounted) leaves the command in ``/``, as before.
+_IN_HOME = 'cd -- "$1" 2>/dev/null || cd /; shift; exec "$@"'
+
+
+def in_home(home: str, argv: Sequence[str]) -> list[str]:
+    """``argv`` wrapped to start in ``home``, changing directory after the privilege drop.
+
+    CPython's subprocess child calls ``chdir(cwd)`` *before* ``setgroups``/``setgid``/
+    ``setuid``, i.e. as root: a root-squashed NFS home or a user's FUSE mount without
+    ``allow_other`` refuses root, the spawn fails, and root would be traversing a path
+    the user controls. So the process starts in ``/`` and this wrapper, already running
+    as the user, enters the home with the user's own rights.
+    """
+    return ["/bin/sh", "-c", _IN_HOME, "sbroker-in-home", home, *argv]
 
 
 def user_env(user: User | None, *, path: str, slurm_conf: str = "",
@@ -79,12 +98,12 @@ class Runner:
         kwargs: dict = {}
         if user is not None and os.geteuid() == 0 and user.uid != 0:
             kwargs = {"user": user.uid, "group": user.gid, "extra_groups": list(user.groups)}
-        cwd = user.home if user is not None and os.path.isdir(user.home) else "/"
         started = time.monotonic()
         try:
             with anyio.fail_after(limit):
                 proc = await anyio.run_process(
-                    argv, input=input, check=False, env=self.env(user), cwd=cwd,
+                    in_home(user.home, argv) if user is not None else argv, input=input, check=False,
+                    env=self.env(user), cwd="/",
                     stdin=None if input is not None else subprocess.DEVNULL, **kwargs)
         except TimeoutError:
             raise ControllerUnavailable(argv, None, "", f"{argv[0]} timed out after {limit:g}s") from None
@@ -105,15 +124,16 @@ class Runner:
 
         ``setsid --ctty`` (util-linux) makes the child a session leader that owns the
         pty, so ``srun --pty`` reads the window size from it and receives SIGWINCH.
+        It starts in ``/`` and enters the home as the user (:func:`in_home`).
         """
         argv = [str(a) for a in argv]
         self.calls[os.path.basename(argv[0])] += 1
         kwargs: dict = {}
         if os.geteuid() == 0 and user.uid != 0:
             kwargs = {"user": user.uid, "group": user.gid, "extra_groups": list(user.groups)}
-        cwd = user.home if os.path.isdir(user.home) else "/"
-        return await anyio.open_process(["setsid", "--ctty", *argv], stdin=tty_fd, stdout=tty_fd, stderr=tty_fd,
-                                        env=self.env(user, extra_env), cwd=cwd, **kwargs)
+        return await anyio.open_process(["setsid", "--ctty", *in_home(user.home, argv)], stdin=tty_fd,
+                                        stdout=tty_fd, stderr=tty_fd, env=self.env(user, extra_env), cwd="/",
+                                        **kwargs)
 
 
 def raise_for(result: Result) -> None:
