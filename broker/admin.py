@@ -2,6 +2,11 @@
 
 What a caller may see is decided by the daemon (admins: everything; users: their
 own sessions); this module only formats. Tables fit an 80-column terminal.
+
+Everything printed for a terminal goes through :mod:`broker.visible` first: session
+fields, logs and audit entries hold text users chose, and an admin's terminal must
+show escape sequences, never obey them. ``--json`` is printed with ASCII escapes
+(``json.dumps`` default), which is lossless and holds no control byte either.
 """
 
 from __future__ import annotations
@@ -13,13 +18,14 @@ import time
 from typing import Any
 
 from .client import BrokerError, Client, call
+from .visible import visible_line, visible_log
 
 
 def run(ns: Any) -> int:
     try:
         return _COMMANDS[ns.command](ns)
     except BrokerError as exc:
-        print(f"sbroker: {exc.message}", file=sys.stderr)
+        print(f"sbroker: {visible_line(exc.message)}", file=sys.stderr)
         return 1
     except ValueError as exc:
         print(f"sbroker: {exc}", file=sys.stderr)
@@ -70,7 +76,7 @@ def format_table(sessions: list[dict[str, Any]]) -> str:
     for s in sessions:
         cells = []
         for _, key, width in COLUMNS:
-            text = _cell(s, key, width)
+            text = visible_line(_cell(s, key, width))
             cells.append(f"{text if len(text) <= width else text[:width - 1] + '~':<{width}}")
         lines.append(" ".join(cells).rstrip())
     return "\n".join(lines)
@@ -109,10 +115,10 @@ def _show(ns: Any) -> int:
     tail = session.pop("log_tail", "")
     width = max(len(k) for k in session)
     for key, value in session.items():
-        print(f"{key:<{width}}  {value}")
+        print(f"{visible_line(key):<{width}}  {visible_line(value)}")
     if tail:
         print("--- log tail ---")
-        print(tail.rstrip())
+        print(visible_log(str(tail)).rstrip())
     return 0
 
 
@@ -121,7 +127,8 @@ def _kill(ns: Any) -> int:
     if ns.json:
         print(json.dumps(session, indent=2))
     else:
-        print(f"{session['user']}/{session['project']} (job {session['job_id'] or '-'}): {session['state']}")
+        print(visible_line(f"{session['user']}/{session['project']} (job {session['job_id'] or '-'}): "
+                           f"{session['state']}"))
     return 0
 
 
@@ -129,7 +136,7 @@ def _logs(ns: Any) -> int:
     offset = -1
     while True:
         reply = call("logs", session=ns.session, offset=offset)
-        sys.stdout.write(reply["data"])
+        sys.stdout.write(visible_log(reply["data"]))
         sys.stdout.flush()
         offset = reply["offset"]
         if not ns.follow or reply["state"] in ("ended", "failed"):
@@ -163,7 +170,7 @@ def _events(ns: Any) -> int:
             else:
                 stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.get("ts", 0)))
                 rest = " ".join(f"{k}={v}" for k, v in entry.items() if k not in ("ts", "event"))
-                print(f"{stamp} {entry.get('event')} {rest}")
+                print(visible_line(f"{stamp} {entry.get('event')} {rest}"))
             since = max(since, float(entry.get("ts", 0)) + 1e-6)
         sys.stdout.flush()
         if not ns.follow:
@@ -184,14 +191,14 @@ def _reap(ns: Any) -> int:
         return 0
     verb = "would remove" if report["dry_run"] else "removed"
     for job in report["orphan_jobs"]:
-        print(f"orphan job {job['job_id']} ({job['user']}/{job['project']}): {job['why']} -> "
-              f"{'would cancel' if report['dry_run'] else 'cancelled'}")
+        print(visible_line(f"orphan job {job['job_id']} ({job['user']}/{job['project']}): {job['why']} -> "
+                           f"{'would cancel' if report['dry_run'] else 'cancelled'}"))
     for inst in report["stale_instances"]:
-        print(f"stale instance state {inst['path']}: {verb}")
+        print(visible_line(f"stale instance state {inst['path']}: {verb}"))
     for item in report["old_job_files"]:
-        print(f"old job file {item['path']} ({item['age_days']} days): {verb}")
+        print(visible_line(f"old job file {item['path']} ({item['age_days']} days): {verb}"))
     for error in report["errors"]:
-        print(f"error: {error}", file=sys.stderr)
+        print(visible_line(f"error: {error}"), file=sys.stderr)
     counts = [len(report[k]) for k in ("orphan_jobs", "stale_instances", "old_job_files")]
     print(f"reap: {counts[0]} orphan jobs, {counts[1]} stale instance dirs, {counts[2]} old job files "
           f"({report['seconds']}s)")
