@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 
 from . import protocol as p
 
@@ -26,11 +27,21 @@ class BrokerError(Exception):
 
 
 def socket_path() -> str:
+    """The socket for admin commands run from an ordinary shell (``sbroker ls`` ...).
+
+    ``sbroker login`` never calls this: its socket comes from root's files only.
+    """
     return os.environ.get("SBROKER_SOCKET") or p.DEFAULT_SOCKET
 
 
 class Client:
-    def __init__(self, path: str | None = None, timeout: float | None = None) -> None:
+    def __init__(self, path: str | None = None, timeout: float | None = None, *,
+                 require_root: bool = False) -> None:
+        """Connect; with ``require_root`` the listening process must be uid 0 (``SO_PEERCRED``).
+
+        The login path asks for it: a broker answers with the argv the login execs, so a
+        socket served by anyone but root could hand out a login-node shell.
+        """
         self.path = path or socket_path()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
@@ -40,6 +51,12 @@ class Client:
             self.sock.close()
             raise BrokerError(f"broker not reachable at {self.path}: {exc.strerror or exc}",
                               code="unreachable") from None
+        if require_root:
+            uid = struct.unpack("3i", self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+            if uid != 0:
+                self.sock.close()
+                raise BrokerError(f"broker at {self.path} is not run by root (uid {uid}); refusing to use it",
+                                  code="untrusted")
         self._buf = bytearray()
         self._pending: list[tuple[bytes, bytes]] = []
 

@@ -13,6 +13,12 @@ interactive shells). Routing:
 
 The project comes from ``SBROKER_PROJECT`` (``AcceptEnv``), or a leading
 ``@project`` word in the command, else the broker's default.
+
+Where the broker is never comes from the environment: ``~/.pam_environment`` and
+``~/.ssh/environment`` are the user's to write, and a socket of the user's choosing
+could answer with ``exec /bin/bash`` on the login node. The socket is ``--socket PATH``
+(given by ``session_scripts/sbroker-login``, a root-owned file) or the default, and the
+process listening on it must be root (``SO_PEERCRED``).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import os
 import sys
 
 from .client import BrokerError, Client
+from .protocol import DEFAULT_SOCKET
 
 if False:  # for type checkers only: typing costs every SSH login time
     from typing import TextIO
@@ -75,7 +82,25 @@ def split_project(command: str | None, env_project: str | None) -> tuple[str | N
     return project, command
 
 
+def socket_from_argv(argv: list[str] | None) -> str:
+    """``--socket PATH`` / ``--socket=PATH`` from the wrapper, else the default socket.
+
+    Deliberately not ``$SBROKER_SOCKET``: see the module docstring.
+    """
+    args = list(argv or [])
+    for i, arg in enumerate(args):
+        if arg == "--socket" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--socket="):
+            return arg.partition("=")[2]
+    return DEFAULT_SOCKET
+
+
 def main(argv: list[str] | None = None) -> int:
+    path = socket_from_argv(argv)
+    if not path.startswith("/"):
+        sys.stderr.write("sbroker: --socket: must be an absolute path\n")
+        return 2
     command = os.environ.get("SSH_ORIGINAL_COMMAND")
     project, command = split_project(command, os.environ.get("SBROKER_PROJECT"))
     has_tty = os.isatty(0) and os.isatty(1)
@@ -88,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
         fields["attach"] = term.attach_request()
     try:
-        client = Client()
+        client = Client(path, require_root=True)
     except BrokerError as exc:
         sys.stderr.write(f"sbroker: {exc.message}\n")
         return 1

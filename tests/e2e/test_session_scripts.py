@@ -10,17 +10,25 @@ import pytest
 SCRIPTS = Path(__file__).resolve().parents[2] / "session_scripts"
 
 
-def test_wrapper_execs_sbroker_login():
-    r = subprocess.run(["sh", str(SCRIPTS / "sbroker-login")], env={"SBROKER_BIN": "/bin/echo", "PATH": "/bin"},
-                       capture_output=True, text=True)
-    assert (r.returncode, r.stdout) == (0, "login\n")
+def test_wrapper_execs_sbroker_login_isolated(tmp_path):
+    """The wrapper runs the venv's python isolated, with the fixed socket (tests/hostile has the hostile cases)."""
+    fake = tmp_path / "python3"
+    fake.write_text("#!/bin/sh\necho \"$@\"\n")
+    fake.chmod(0o755)
+    copy = tmp_path / "sbroker-login"
+    copy.write_text((SCRIPTS / "sbroker-login").read_text().replace("/opt/sbroker/venv/bin/python3", str(fake)))
+    r = subprocess.run(["sh", str(copy), "-c", "ignored"], env={"PATH": "/bin"}, capture_output=True, text=True)
+    assert r.returncode == 0
+    assert r.stdout.startswith("-I -c ") and r.stdout.endswith(" login --socket /run/sbroker/broker.sock\n")
 
 
-def test_wrapper_missing_sbroker_is_one_clear_line():
-    r = subprocess.run(["sh", str(SCRIPTS / "sbroker-login")], env={"SBROKER_BIN": "/nonexistent/sbroker"},
-                       capture_output=True, text=True)
+def test_wrapper_missing_sbroker_is_one_clear_line(tmp_path):
+    copy = tmp_path / "sbroker-login"
+    copy.write_text((SCRIPTS / "sbroker-login").read_text().replace("/opt/sbroker/venv/bin/python3",
+                                                                    "/nonexistent/python3"))
+    r = subprocess.run(["sh", str(copy)], env={"SBROKER_BIN": "/bin/echo"}, capture_output=True, text=True)
     assert r.returncode == 1
-    assert r.stderr.strip().splitlines() == ["sbroker: /nonexistent/sbroker is not installed; ask your administrator"]
+    assert r.stderr.strip().splitlines() == ["sbroker: /nonexistent/python3 is not installed; ask your administrator"]
 
 
 @pytest.mark.skipif(not Path("/usr/sbin/sshd").exists(), reason="no sshd")
