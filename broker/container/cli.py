@@ -43,7 +43,9 @@ def _table(rows: list[dict[str, Any]], columns: Sequence[str], empty: str) -> st
 
 def _dir(args: argparse.Namespace) -> Path:
     if args.dir is not None:
-        return Path(args.dir)
+        from ._trust import require_admin_owned
+
+        return require_admin_owned(args.dir, "--dir")
     from .apptainer import find_containers_dir
 
     return find_containers_dir()

@@ -5,6 +5,8 @@ temporary name in the same directory and is renamed into place only on success (
 the recipe snapshot, ``.def-hash`` and lock files are written only after success, next
 to the image so ``verify``/``status`` find them (B15, B16); the top-level convenience
 link ``<out>/<name>.sif`` only ever replaces a symlink, never a real file (B21).
+As root, the recipe and the output directories must be admin-owned (:mod:`.._trust`),
+and the build log is created fresh, never through a link (``O_EXCL | O_NOFOLLOW``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from .._files import atomic_write_text, sha256_file, temp_sibling
 from .._proc import run, sudo_prefix
+from .._trust import require_admin_owned
 from .._validate import validate_name
 from ._integrity import DEF_HASH_FILE, freeze, read_stored_hash
 from ._links import replace_symlink
@@ -47,7 +50,20 @@ def _resolve_recipe(def_name: str, def_path: str | os.PathLike[str] | None) -> P
         recipe = find_containers_dir() / f"{validate_name(def_name, 'def_name')}.def"
     if not recipe.is_file():
         raise FileNotFoundError(f"Definition file not found: {recipe}")
-    return recipe
+    return require_admin_owned(recipe, "recipe")
+
+
+def _open_log(image_dir: Path, name: str) -> tuple[int, Path]:
+    """Create ``<name>.build-<ts>.log`` afresh: never opened through a planted link or file."""
+    stamp = time.strftime('%Y-%m%d-%H%M%S')
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for attempt in range(100):
+        path = image_dir / f"{name}.build-{stamp}{f'-{attempt}' if attempt else ''}.log"
+        try:
+            return os.open(path, flags, 0o644), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot create a build log in {image_dir}: {name}.build-{stamp}*.log all exist")
 
 
 def _remove(path: Path, sudo: list[str]) -> None:
@@ -113,9 +129,10 @@ def build(
     cmd = detect_container_cmd()
     recipe = _resolve_recipe(def_name, def_path)
     name = validate_name(image_name or (def_name if def_path is None else recipe.stem), "image_name")
-    out = Path(output_dir) if output_dir else recipe.parent
+    out = require_admin_owned(Path(output_dir) if output_dir else recipe.parent, "output dir")
     image_dir = out / name
     image_dir.mkdir(parents=True, exist_ok=True)
+    require_admin_owned(image_dir, "image dir")
     output = image_dir / (f"{name}.sandbox" if sandbox else f"{name}.sif")
     hash_file = image_dir / (SANDBOX_HASH_FILE if sandbox else DEF_HASH_FILE)
     recipe_hash = sha256_file(recipe)
@@ -125,11 +142,13 @@ def build(
 
     sudo = sudo_prefix(use_sudo)
     tmp = image_dir / f".{name}.build-{os.getpid()}-{time.time_ns()}{output.suffix}"
-    log_path = image_dir / f"{name}.build-{time.strftime('%Y-%m%d-%H%M%S')}.log"
+    log_fd, log_path = _open_log(image_dir, name)
     argv = build_argv(cmd, tmp, recipe, sandbox=sandbox, fakeroot=sandbox if fakeroot is None else fakeroot, sudo=sudo)
     log.info("building %s (log: %s)", output, log_path)
-    with open(log_path, "wb") as log_file:
-        proc = run(argv, capture=False, check=False, cwd=out, stdout=log_file.fileno(), stderr=log_file.fileno())
+    try:
+        proc = run(argv, capture=False, check=False, cwd=out, stdout=log_fd, stderr=log_fd)
+    finally:
+        os.close(log_fd)
     if proc.returncode != 0:
         _remove(tmp, sudo)
         raise RuntimeError(f"Build failed with exit code {proc.returncode}; see {log_path}")

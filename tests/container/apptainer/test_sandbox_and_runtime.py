@@ -36,6 +36,7 @@ def test_detect_prefers_apptainer(fake_apptainer: FakeApptainer) -> None:
 def test_find_containers_dir_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SCITEX_DIR", str(tmp_path / "state"))
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # an ordinary user (root never searches cwd)
     assert find_containers_dir() == repo_containers_dir()  # the checkout's own recipes
     assert (repo_containers_dir() / "sbroker-base.def").is_file()
     (tmp_path / "containers").mkdir()
