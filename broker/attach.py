@@ -10,6 +10,12 @@ Rules for attachers (explicit, and tested):
   (user, project) reattaches to the oldest detached shell and first receives its
   recent output (``timeouts.scrollback_bytes``); a login while every shell has a
   writer opens a new shell, as a second ``ssh`` window would on any host.
+* Someone else's session (an admin's attach) is observed, never typed into, unless the
+  request says ``write_other`` (``sbroker attach --write``): that is audited
+  (``admin_write``: who, whose session, when) and announced in the session's terminals.
+* Per user at most ``limits.shells_per_user`` shells (each an ``srun --pty`` in the
+  broker's cgroup) and ``limits.detached_shells_per_user`` kept for reattaching (the
+  oldest detached one is ended beyond that).
 * Output is never decoded, so split UTF-8 sequences pass intact. A writer that
   does not read makes the broker stop reading the pty (backpressure, bounded
   memory); an observer that does not read is dropped instead of slowing the shell.
@@ -30,6 +36,7 @@ from typing import Any
 
 import anyio.abc
 
+from . import limits
 from . import log as _log
 from . import protocol as p
 from .identity import lookup_name
@@ -121,10 +128,22 @@ class AttachHub:
         mode = p.get_str(message, "mode", default="write", max_len=16)
         if mode not in ("write", "observe"):
             raise p.ProtocolError("mode", "must be write or observe")
+        write_other = message.get("write_other", False)
+        if not isinstance(write_other, bool):
+            raise p.ProtocolError("write_other", "must be true or false")
         rows, cols = _size(message)
         if session.state != State.READY:
             raise SessionError("not_ready", f"session: {session.user}/{session.project} is {session.state.value}, "
                                             "not ready")
+        intruding = session.user != conn.user.name and mode == "write"
+        if intruding and not write_other:
+            mode, intruding = "observe", False  # admins watch; typing needs --write (audited)
+        if mode == "write" and self._pick_detached(session) is None:
+            refusal = limits.shells_refusal(self.config, self._open_shells(session.user))
+            if refusal:
+                self.log.warning("limit_refused", user=session.user, session=session.id, by=conn.user.name,
+                                 rule=refusal)
+                raise SessionError("limit", refusal)
         if mode == "observe":
             term = self._pick_observed(session)
             term.observers.add(conn)
@@ -144,6 +163,8 @@ class AttachHub:
         self.log.info("attached", session=session.id, terminal=term.id, mode=mode, by=conn.user.name,
                       reattached=reattached)
         await conn.send({"type": "attached", "terminal": term.id, "mode": mode, "reattached": reattached})
+        if intruding:
+            self._announce_intrusion(term, conn)
         if term.scrollback and reattached:
             conn.writer.write(p.encode(p.KIND_OUTPUT, bytes(term.scrollback[-p.MAX_DATA:])))
         try:
@@ -151,9 +172,33 @@ class AttachHub:
         finally:
             self._detach(term, conn)
 
+    def _announce_intrusion(self, term: Terminal, conn: Connection) -> None:
+        """An admin types into someone else's shell: audit it and say so in every terminal of the session.
+
+        The notice also goes into the shell's scrollback, so the owner sees it on reattaching.
+        """
+        session = term.session
+        self.manager.audit.record("admin_write", user=session.user, project=session.project, session=session.id,
+                                  terminal=term.id, by=conn.user.name, peer_uid=conn.user.uid)
+        self.log.warning("admin_write", session=session.id, user=session.user, terminal=term.id,
+                         by=conn.user.name, peer_uid=conn.user.uid)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        notice = (f"\r\n[sbroker: administrator {conn.user.name} is typing into shell {term.id} of this session "
+                  f"since {stamp} (audited)]\r\n").encode()
+        for other in self.terminals.get(session.id, []):
+            if other is not term:
+                other.record(notice)
+                for attached in [other.writer, *other.observers]:
+                    if attached is not None:
+                        attached.writer.write(p.encode(p.KIND_OUTPUT, notice))
+        self._deliver(term, notice)
+
+    def _open_shells(self, user: str) -> int:
+        return sum(1 for terms in self.terminals.values() for t in terms if t.session.user == user and not t.closed)
+
     def _pick_detached(self, session: Session) -> Terminal | None:
         for term in self.terminals.get(session.id, []):
-            if term.writer is None and not term.closed:
+            if term.writer is None and term.detached_at is not None and not term.closed:
                 return term
         return None
 
@@ -307,6 +352,23 @@ class AttachHub:
                 self.manager.audit.record("detach", user=term.session.user, project=term.session.project,
                                           session=term.session.id, terminal=term.id, by=conn.user.name)
                 asyncio.ensure_future(self._expire(term, term.detached_at))
+                self._enforce_detached_limit(term.session.user)
+
+    def _enforce_detached_limit(self, user: str) -> None:
+        """Keep at most ``limits.detached_shells_per_user`` detached shells; end the oldest beyond.
+
+        Each kept shell is an ``srun`` and a timer in the broker for up to ``detach_grace``:
+        a user dropping connections in a loop must not pile them up.
+        """
+        detached = sorted((t for terms in self.terminals.values() for t in terms
+                           if t.session.user == user and t.writer is None and t.detached_at is not None
+                           and not t.closed), key=lambda t: t.detached_at or 0.0)
+        for term in detached[:max(0, len(detached) - self.config.limit_detached)]:
+            self.log.warning("limit_detached", user=user, session=term.session.id, terminal=term.id,
+                             limit=self.config.limit_detached,
+                             rule="limits.detached_shells_per_user: oldest detached shell ended")
+            term.detached_at = None  # no longer kept: its timer must not fire on a reattached shell
+            self.hangup(term)
 
     async def _expire(self, term: Terminal, detached_at: float) -> None:
         await asyncio.sleep(self.config.detach_grace)

@@ -21,6 +21,9 @@ import tty
 from . import protocol as p
 from .client import BrokerError, Client
 
+if False:  # for type checkers only: typing costs every SSH login time
+    from collections.abc import Callable
+
 EXIT_LOST = 255
 
 
@@ -65,17 +68,23 @@ def attach_request(mode: str = "write") -> dict[str, object]:
     return {"mode": mode, "rows": rows, "cols": cols, "term": os.environ.get("TERM", "xterm-256color")[:64]}
 
 
-def attach(session: str, *, mode: str = "write", client: Client | None = None, requested: bool = False) -> int:
+def attach(session: str, *, mode: str = "write", client: Client | None = None, requested: bool = False,
+           write_other: bool = False) -> int:
     """Attach this process's terminal to a session's shell; return the shell's exit status.
 
     ``requested`` means the attach was already asked for on ``client`` (``sbroker login``
     sends it with its ``ensure``, saving a connection and a round trip on every login).
+    ``write_other`` asks to type into someone else's shell (admins; audited); without it
+    the broker answers such an attach as ``observe`` and this side then stops sending keys.
     """
     stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
     os.set_blocking(stdout, True)  # blocking writes are the backpressure
     client = client or Client()
     if not requested:
-        client.send({"v": p.VERSION, "op": "attach", "session": session, **attach_request(mode)})
+        request = {"v": p.VERSION, "op": "attach", "session": session, **attach_request(mode)}
+        if write_other:
+            request["write_other"] = True
+        client.send(request)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     stop = {"signal": 0}
@@ -104,10 +113,22 @@ def attach(session: str, *, mode: str = "write", client: Client | None = None, r
         except (PermissionError, ValueError):  # a regular file or /dev/null: nothing to type
             pass
     raw = _RawTTY(stdin)
+
+    def on_control(message: dict[str, object]) -> None:
+        if message.get("type") == "attached" and message.get("mode") == "observe" and "stdin" in wake_targets:
+            # The broker made this an observer (someone else's shell): stop typing, ^C leaves.
+            wake.update({signal.SIGINT: b"S", signal.SIGQUIT: b"S"})
+            sel.unregister(stdin)
+            wake_targets.discard("stdin")
+            raw.restore()
+            sys.stderr.write("sbroker: observing read-only (someone else's shell: `sbroker attach --write` "
+                             "to type into it, audited and shown to its owner); ^C to leave\r\n")
+
+    wake_targets = {key.data for key in sel.get_map().values()}
     try:
         with raw:
             # Frames that arrived with the ensure reply are already buffered in the client.
-            status = _handle_frames(client.take_pending(), stdout)
+            status = _handle_frames(client.take_pending(), stdout, on_control)
             if status is not None:
                 return status
             while True:
@@ -135,7 +156,7 @@ def attach(session: str, *, mode: str = "write", client: Client | None = None, r
                             raw.restore()
                             sys.stderr.write("sbroker: connection to the broker was lost\r\n")
                             return EXIT_LOST
-                        status = _handle_frames(client.feed(chunk), stdout)
+                        status = _handle_frames(client.feed(chunk), stdout, on_control)
                         if status is not None:
                             return status
     finally:
@@ -148,7 +169,8 @@ def attach(session: str, *, mode: str = "write", client: Client | None = None, r
         client.close()
 
 
-def _handle_frames(frames: list[tuple[bytes, bytes]], stdout: int) -> int | None:
+def _handle_frames(frames: list[tuple[bytes, bytes]], stdout: int,
+                   on_control: Callable[[dict[str, object]], None] | None = None) -> int | None:
     """Write output frames; return the exit status once the shell has ended.
 
     Consecutive output frames go out in one write: fewer system calls per byte on a
@@ -167,6 +189,8 @@ def _handle_frames(frames: list[tuple[bytes, bytes]], stdout: int) -> int | None
             return int(message.get("status", EXIT_LOST))
         if message.get("type") == "error":
             raise BrokerError(str(message.get("message")), str(message.get("code")))
+        if on_control is not None:
+            on_control(message)
     if pending:
         _write_all(stdout, b"".join(pending))
     return None
