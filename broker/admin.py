@@ -181,7 +181,10 @@ def _events(ns: Any) -> int:
 def _attach(ns: Any) -> int:
     from . import term
 
-    return term.attach(ns.session, mode="observe" if ns.observe else "write", client=Client())
+    if ns.observe and ns.write:
+        raise ValueError("--write: cannot be combined with --observe")
+    return term.attach(ns.session, mode="observe" if ns.observe else "write", client=Client(),
+                       write_other=bool(ns.write))
 
 
 def _reap(ns: Any) -> int:

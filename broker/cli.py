@@ -28,8 +28,10 @@ def _full(args: list[str]) -> int:
     sub.add_parser("login", help="sshd ForceCommand entry: connect this SSH login to its session")
     serve = sub.add_parser("serve", help="run the broker daemon (root)")
     serve.add_argument("--config", help="config file (default $SBROKER_CONFIG or /etc/sbroker/broker.toml)")
-    check = sub.add_parser("check-config", help="validate the config file and exit")
+    check = sub.add_parser("check-config", help="validate the config file and this login node's sshd/PAM setup")
     check.add_argument("--config")
+    check.add_argument("--config-only", action="store_true",
+                       help="skip the login-node report (ForceCommand hardening: PAM, sshd, login shells)")
 
     ls = sub.add_parser("ls", help="list live sessions (admins: all; users: their own)")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
@@ -50,6 +52,8 @@ def _full(args: list[str]) -> int:
     attach = sub.add_parser("attach", help="attach this terminal to a session's shell")
     attach.add_argument("session")
     attach.add_argument("--observe", action="store_true", help="read-only: watch without typing")
+    attach.add_argument("--write", action="store_true",
+                        help="admins: type into someone else's shell (default: observe); audited and shown to its owner")
     reap = sub.add_parser("reap", help="admins: remove orphan jobs, stale instance state and old job files now")
     reap.add_argument("--dry-run", action="store_true", help="report what would be removed, remove nothing")
     reap.add_argument("--json", action="store_true")
@@ -86,7 +90,14 @@ def _serve(ns: object) -> int:
         return 2
     if getattr(ns, "command") == "check-config":
         print("config ok")
-        return 0
+        if getattr(ns, "config_only", False):
+            return 0
+        from .loginnode import inspect
+
+        problems = inspect(config)
+        for problem in problems:
+            print(f"sbroker: login-node: {problem}", file=sys.stderr)
+        return 1 if problems else 0
     import asyncio
 
     from .daemon import serve

@@ -87,6 +87,19 @@ class Config:
     reaper_retention: float = 14 * 86400.0
     reaper_instance_check: bool = True
 
+    #: The login shell forced users must have on this node (the wrapper): the daemon logs a
+    #: warning for a login whose shell is anything else, ``check-config`` lists them. "" = off.
+    login_shell: str = "/usr/local/sbin/sbroker-login"
+    #: The sshd ``Match Group`` of forced users, for ``check-config``'s login-node report.
+    login_group: str = "sbroker-users"
+
+    #: Per-user limits (issue 14): one user must not exhaust what every user shares.
+    limit_connections: int = 64
+    limit_sessions: int = 8
+    limit_pending: int = 4
+    limit_detached: int = 8
+    limit_shells: int = 32
+
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
@@ -128,6 +141,13 @@ _FIELDS: list[tuple[str, str, str, str]] = [
     ("reaper", "interval", "reaper_interval", "float:0:604800"),
     ("reaper", "retention", "reaper_retention", "float:3600:31536000"),
     ("reaper", "instance_check", "reaper_instance_check", "bool"),
+    ("login", "shell", "login_shell", "abspath_or_empty"),
+    ("login", "group", "login_group", "name"),
+    ("limits", "connections_per_user", "limit_connections", "int:1:100000"),
+    ("limits", "sessions_per_user", "limit_sessions", "int:1:10000"),
+    ("limits", "pending_per_user", "limit_pending", "int:1:10000"),
+    ("limits", "detached_shells_per_user", "limit_detached", "int:0:10000"),
+    ("limits", "shells_per_user", "limit_shells", "int:1:10000"),
 ]
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import anyio
 
 from . import images, jobspec
+from . import limits
 from . import log as _log
 from .audit import Audit
 from .config import Config
@@ -153,6 +154,11 @@ class Manager:
         jobspec.check_project(self.config, project)
         key = (user.name, project)
         session = self.by_key.get(key)
+        if session is None:  # a new session: per-user limits (broker/limits.py says why)
+            refusal = limits.new_session_refusal(self.config, user.name, self.sessions.values())
+            if refusal:
+                self.log.warning("limit_refused", user=user.name, project=project, rule=refusal)
+                raise SessionError("limit", refusal)
         if session is not None and session.state == State.READY:
             session.last_activity = time.time()
             return session

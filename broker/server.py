@@ -77,6 +77,9 @@ class Server:
         }
         self.server: asyncio.base_events.Server | None = None
         self.connections = 0
+        #: Open connections per uid, for ``limits.connections_per_user``.
+        self.connections_by_uid: dict[int, int] = {}
+        self.unsafe_shells_logged: set[str] = set()
         #: Each adds fields to a session's description (attachers, policy state).
         self.describers: list[Callable[[Session], dict[str, Any]]] = []
         #: Called as ``(session, warm, seconds)`` once an ``ensure`` has a ready session.
@@ -95,14 +98,24 @@ class Server:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         sock = writer.get_extra_info("socket")
+        counted: int | None = None
         try:
             pid, uid, _gid = peer_uid(sock)
+            if not self._admit(uid):
+                writer.write(p.encode_json(p.error(
+                    "connections", f"limits.connections_per_user: at most {self.config.limit_connections} "
+                    "connections per user at once; close some (logins, sbroker commands) and retry",
+                    code="limit")))
+                await writer.drain()
+                return
+            counted = uid
             try:
                 user = lookup_uid(uid)
             except UnknownUser as exc:
                 writer.write(p.encode_json(p.error("peer", str(exc), code="unknown_user")))
                 await writer.drain()
                 return
+            self._check_login_shell(user)
             conn = Connection(reader, writer, user, in_group(user, self.config.admin_group), pid)
             await self._serve(conn)
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -111,11 +124,48 @@ class Server:
             self.log.exception("connection_error")
         finally:
             self.connections -= 1
+            if counted is not None:
+                left = self.connections_by_uid.get(counted, 1) - 1
+                if left > 0:
+                    self.connections_by_uid[counted] = left
+                else:
+                    self.connections_by_uid.pop(counted, None)
             writer.close()
             try:
                 await writer.wait_closed()
             except (ConnectionError, OSError):
                 pass
+
+    def _admit(self, uid: int) -> bool:
+        """Count a new connection of ``uid``; False (and logged) past ``limits.connections_per_user``.
+
+        Each connection holds a task and buffers in the daemon: without a bound, one user's
+        thousands of idle connections cost every other user's logins. Root is not counted.
+        """
+        if uid == 0:
+            return True
+        open_now = self.connections_by_uid.get(uid, 0)
+        if open_now >= self.config.limit_connections:
+            self.log.warning("limit_refused", uid=uid, limit="connections_per_user",
+                             value=self.config.limit_connections)
+            return False
+        self.connections_by_uid[uid] = open_now + 1
+        return True
+
+    def _check_login_shell(self, user: User) -> None:
+        """Log (once per user) a login whose login shell is not the wrapper: it reads dotfiles.
+
+        sshd runs the ForceCommand through the login shell, so with bash there a user's
+        ``~/.bashrc`` runs on the login node before ``sbroker login`` (docs/admin.md,
+        "ForceCommand hardening"). The daemon cannot undo that, only make it visible.
+        """
+        wanted = self.config.login_shell
+        if not wanted or user.uid == 0 or user.shell == wanted or user.name in self.unsafe_shells_logged:
+            return
+        if not in_group(user, self.config.login_group):
+            return  # not a forced user (admins keep their shell)
+        self.unsafe_shells_logged.add(user.name)
+        self.log.warning("login_shell_unsafe", user=user.name, uid=user.uid, shell=user.shell, wanted=wanted)
 
     async def _serve(self, conn: Connection) -> None:
         try:
