@@ -95,9 +95,26 @@ class LiveCollector:
             for kind, n in sorted(self.ops.reaper.totals.items()):
                 reaped.add_metric([kind], n)
             yield reaped
+            yield from _looplag(getattr(self.ops, "looplag", None))
         if self.owner is not None:
             yield CounterMetricFamily("sbroker_bad_scrapes", "Metrics requests refused as malformed",
                                       value=self.owner.bad_requests)
+
+
+def _looplag(lag: Any) -> Iterator[Metric]:
+    """The event loop's lateness (:mod:`broker.looplag`): p50/p99/max over its recent window."""
+    if lag is None:
+        return
+    summary = lag.summary()
+    gauge = GaugeMetricFamily("sbroker_event_loop_lag_seconds", "How late the daemon's 100 ms timer fired "
+                              "(the event loop was busy), over the last 5 minutes", labels=["quantile"])
+    for label, value in (("0.5", summary.p50), ("0.99", summary.p99), ("1", summary.max)):
+        gauge.add_metric([label], value)
+    yield gauge
+    yield GaugeMetricFamily("sbroker_event_loop_lag_max_seconds", "The latest timer tick over the last 5 minutes",
+                            value=summary.max)
+    yield CounterMetricFamily("sbroker_event_loop_late_ticks", "Timer ticks more than 250 ms late (each logged)",
+                              value=summary.late)
 
 
 class Metrics:

@@ -1,4 +1,4 @@
-"""The operations plane: idle and walltime policy, the reaper's schedule, metrics, ``reap``.
+"""The operations plane: idle and walltime policy, the reaper's schedule, metrics, loop lag, ``reap``.
 
 What it owns: the decisions *when* to warn and *when* to end a session for policy
 reasons, and the wiring of :mod:`broker.reaper` and :mod:`broker.metrics` into the
@@ -29,6 +29,7 @@ from typing import Any
 
 from . import log as _log
 from .attach import AttachHub
+from .looplag import LoopLag
 from .manager import Manager, SessionError
 from .metrics import Metrics
 from .reaper import Reaper
@@ -48,6 +49,8 @@ class Operations:
         self.log = _log.get("sbroker.ops")
         self.counts: collections.Counter[str] = collections.Counter()
         self.reaper = Reaper(manager)
+        #: The daemon's own event-loop lag, read by the metrics.
+        self.looplag = LoopLag()
         self.metrics = Metrics(manager, hub, self)
         self._idle_warned: dict[str, float] = {}
         self._seen_attached: dict[str, float] = {}
@@ -56,7 +59,8 @@ class Operations:
         server.handlers["reap"] = self.op_reap
         server.on_ensured.append(self._observe_ensure)
         server.describers.append(self.describe)
-        self._tasks = [asyncio.ensure_future(self._start_metrics()), asyncio.ensure_future(self._policy_loop())]
+        self._tasks = [asyncio.ensure_future(self._start_metrics()), asyncio.ensure_future(self._policy_loop()),
+                       asyncio.ensure_future(self.looplag.run())]
         if self.config.reaper_interval > 0:
             self._tasks.append(asyncio.ensure_future(self._reaper_loop()))
 
