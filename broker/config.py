@@ -19,6 +19,7 @@ DEFAULT_PATH = "/etc/sbroker/broker.toml"
 _TIME_RE = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SAFE_PATH_RE = re.compile(r"^/[A-Za-z0-9._/{}@+-]*$")
+_HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
 class ConfigError(Exception):
@@ -59,12 +60,18 @@ class Config:
     cpus: int = 4
     memory_gb: int = 16
     slurm_conf: str = ""
+    #: Where a session's job output (the start script's markers) goes: written by the job on
+    #: a compute node, read on the login node, so it must be on storage both share. ``{home}``
+    #: is the user's home from the passwd database, ``{user}`` the user name.
+    job_dir: str = "{home}/.sbroker/jobs"
     path: str = "/usr/local/bin:/usr/bin:/bin"
     poll_interval: float = 5.0
     command_timeout: float = 30.0
     gone_grace: float = 10.0
 
     image: str = ""
+    #: The container's hostname; empty: the compute node's own name (what users need to see).
+    hostname: str = ""
     user_dir: str = "/home/{user}"
     project_dir: str = "/home/{user}/proj/{project}"
     create_project_dir: bool = True
@@ -86,6 +93,13 @@ class Config:
     reaper_interval: float = 600.0
     reaper_retention: float = 14 * 86400.0
     reaper_instance_check: bool = True
+
+    #: Audit log rotation (docs/admin.md "Audit log"): the full log and each user's own file
+    #: rotate at a size into a bounded number of older files.
+    audit_max_bytes: int = 64 * 1024 * 1024
+    audit_keep: int = 5
+    audit_user_max_bytes: int = 1024 * 1024
+    audit_user_keep: int = 2
 
     #: The login shell forced users must have on this node (the wrapper): the daemon logs a
     #: warning for a login whose shell is anything else, ``check-config`` lists them. "" = off.
@@ -117,11 +131,13 @@ _FIELDS: list[tuple[str, str, str, str]] = [
     ("slurm", "cpus", "cpus", "int:1:4096"),
     ("slurm", "memory_gb", "memory_gb", "int:1:65536"),
     ("slurm", "slurm_conf", "slurm_conf", "abspath_or_empty"),
+    ("slurm", "job_dir", "job_dir", "jobdir"),
     ("slurm", "path", "path", "pathlist"),
     ("slurm", "poll_interval", "poll_interval", "float:0.2:600"),
     ("slurm", "command_timeout", "command_timeout", "float:1:600"),
     ("slurm", "gone_grace", "gone_grace", "float:0:3600"),
     ("container", "image", "image", "abspath"),
+    ("container", "hostname", "hostname", "hostname"),
     ("container", "user_dir", "user_dir", "template"),
     ("container", "project_dir", "project_dir", "template"),
     ("container", "create_project_dir", "create_project_dir", "bool"),
@@ -141,6 +157,10 @@ _FIELDS: list[tuple[str, str, str, str]] = [
     ("reaper", "interval", "reaper_interval", "float:0:604800"),
     ("reaper", "retention", "reaper_retention", "float:3600:31536000"),
     ("reaper", "instance_check", "reaper_instance_check", "bool"),
+    ("audit", "max_bytes", "audit_max_bytes", "int:4096:1099511627776"),
+    ("audit", "keep", "audit_keep", "int:0:1000"),
+    ("audit", "user_max_bytes", "audit_user_max_bytes", "int:4096:1099511627776"),
+    ("audit", "user_keep", "audit_user_keep", "int:0:1000"),
     ("login", "shell", "login_shell", "abspath_or_empty"),
     ("login", "group", "login_group", "name"),
     ("limits", "connections_per_user", "limit_connections", "int:1:100000"),
@@ -205,6 +225,18 @@ def _check(kind: str, value: Any) -> tuple[Any, str | None]:
         except (KeyError, IndexError, ValueError):
             return value, "may only use the placeholders {user} and {project}"
         return value, None
+    if kind == "jobdir":
+        rule = "must be an absolute path template using {home} and {user} only"
+        if not _SAFE_PATH_RE.fullmatch(value.replace("{home}", "/h")) or ".." in value.split("/"):
+            return value, rule
+        try:
+            value.format(home="/h", user="u")
+        except (KeyError, IndexError, ValueError):
+            return value, rule
+        return value, None
+    if kind == "hostname":
+        ok = value == "" or _HOSTNAME_RE.fullmatch(value)
+        return value, None if ok else "must be empty (the node's name) or a hostname of [a-z0-9-]"
     if kind == "regex":
         try:
             re.compile(value)

@@ -4,6 +4,11 @@ Pure: everything is computed from server-side config and the peer's identity, an
 nothing is written or run here. The script and argv come from the toolkit builders
 in :mod:`broker.container.apptainer`; this module only adds the broker's own
 tags and places the files.
+
+Two places, on purpose: the broker's record of the script stays in its root-only state
+directory on the login node (sbatch gets the script on stdin), while the job's output,
+which carries the ``INSTANCE_*`` markers, goes to ``slurm.job_dir``: written by the job on
+a compute node, as the user, and read on the login node, so it must be shared storage.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from pathlib import Path
 
 from .config import Config
 from .container import _validate as v
-from .container.apptainer import build_instance_start_script, build_sbatch_command
+from .container.apptainer import build_exec_args, build_sbatch_command
+from .container.apptainer._builders import with_hostname
+from .container.apptainer._start_script import render_instance_start_script
 from .identity import User
 from .slurm.parse import format_comment
 
@@ -29,6 +36,7 @@ class JobSpec:
     sbatch_argv: list[str]
     host_user_dir: str
     host_project_dir: str
+    job_dir: Path
 
 
 def check_project(config: Config, project: str) -> str:
@@ -51,7 +59,18 @@ def instance_name(user: str, project: str, token: str | None = None) -> str:
 
 
 def jobs_dir(config: Config, user: str) -> Path:
+    """The broker's own (root-only, login-node) record of submitted scripts."""
     return config.state_dir / "jobs" / v.validate_username(user)
+
+
+def job_dir(config: Config, user: User) -> Path:
+    """Where the user's session jobs write their output (``slurm.job_dir``), shared storage."""
+    path = config.job_dir.format(home=user.home.rstrip("/"), user=v.validate_username(user.name))
+    return Path(v.validate_path(path, "slurm.job_dir"))
+
+
+def log_path(config: Config, user: User, instance: str) -> Path:
+    return job_dir(config, user) / f"{v.validate_instance_name(instance)}.log"
 
 
 def build(config: Config, user: User, project: str, image: str, image_digest: str,
@@ -61,19 +80,23 @@ def build(config: Config, user: User, project: str, image: str, image_digest: st
     instance = instance_name(username, project, token)
     host_user_dir = config.user_dir.format(user=username, project=project)
     host_project_dir = config.project_dir.format(user=username, project=project)
-    script = build_instance_start_script(
-        image, username, Path(host_user_dir), Path(host_project_dir), project, instance,
+    exec_args = build_exec_args(
+        image, username, Path(host_user_dir), Path(host_project_dir), project,
         dev_repos=[{"name": r.name, "host_path": r.host_path} for r in config.dev_repos] or None,
         host_mounts=[{"host_path": m.host_path, "container_path": m.container_path, "mode": m.mode}
                      for m in config.host_mounts] or None,
         texlive_prefix=config.texlive_prefix,
     )
+    script = render_instance_start_script(with_hostname(exec_args, config.hostname), username, project,
+                                          instance)
     script_path = jobs_dir(config, username) / f"{instance}.sh"
+    shared = job_dir(config, user)
+    # The toolkit names the output after the script path: give it one in the shared dir.
     argv = build_sbatch_command(
-        instance, str(script_path), slurm_partition=config.partition, slurm_time_limit=config.time_limit,
-        slurm_cpus=config.cpus, slurm_memory_gb=config.memory_gb)
+        instance, str(shared / f"{instance}.sh"), slurm_partition=config.partition,
+        slurm_time_limit=config.time_limit, slurm_cpus=config.cpus, slurm_memory_gb=config.memory_gb)
     log_flag = next(a for a in argv if a.startswith("--output="))
-    log_path = Path(log_flag.split("=", 1)[1])
+    log = Path(log_flag.split("=", 1)[1])
     digest = image_digest.split(":")[-1][:16]
     comment = format_comment({"user": username, "project": project, "instance": instance,
                               "digest": digest})
@@ -84,4 +107,4 @@ def build(config: Config, user: User, project: str, image: str, image_digest: st
     extra = [f"--comment={comment}", f"--chdir={user.home}", "--open-mode=append", "--export=ALL",
              "--no-requeue"]
     sbatch_argv = [*argv[:-1], *extra]
-    return JobSpec(instance, script, script_path, log_path, sbatch_argv, host_user_dir, host_project_dir)
+    return JobSpec(instance, script, script_path, log, sbatch_argv, host_user_dir, host_project_dir, shared)

@@ -27,7 +27,7 @@ from typing import Any
 
 import anyio
 
-from . import images, jobspec
+from . import images, jobspec, userfs
 from . import limits
 from . import log as _log
 from .audit import Audit
@@ -43,6 +43,13 @@ from .store import Store
 MARKER_READY = "INSTANCE_READY"
 MARKER_FAILED = "INSTANCE_FAILED"
 READ_INTERVAL = 0.02
+#: At most this much of a job log is read per poll: the log is the user's file, and a user
+#: who floods it must cost only their own session's readiness, never the daemon's time.
+READ_CHUNK = 64 * 1024
+#: slurmstepd creates the job's output file before the script runs; when the login node has
+#: not seen it this long after the job started, the broker asks the job's node whether it is
+#: there (then slurm.job_dir is node-local, not shared) instead of waiting for the timeout.
+LOG_APPEAR_GRACE = 5.0
 FAST_POLL = 0.5
 #: Least time between two polls however often the poller is woken: in a login storm every
 #: sbatch, readiness and kill wakes it, and those wakes must share one squeue.
@@ -194,7 +201,7 @@ class Manager:
     async def _bring_up(self, session: Session, user: User) -> Session:
         if session.state == State.REQUESTED:
             await self._submit(session, user)
-        await self._await_ready(session)
+        await self._await_ready(session, user)
         return session
 
     async def _submit(self, session: Session, user: User) -> None:
@@ -213,7 +220,12 @@ class Manager:
         session.script_path, session.log_path = str(spec.script_path), str(spec.log_path)
         self.store.save(session)
         try:
-            _write_job_files(spec, user)
+            await self._ensure_job_dir(spec.job_dir, user)
+        except SessionError as exc:
+            self._fail(session, exc.message)
+            raise SessionError("job_dir", session.reason) from None
+        try:
+            _write_job_files(spec)
             # Created as the user, never by root (root-squashed NFS); a stat that root is
             # refused there reads as "missing" and costs only the mkdir.
             if self.config.create_project_dir and not os.path.isdir(spec.host_project_dir):
@@ -234,12 +246,36 @@ class Manager:
                           digest=session.image_digest)
         self._wake.set()
 
+    async def _ensure_job_dir(self, directory: Path, user: User) -> None:
+        """Make ``slurm.job_dir`` exist and be writable, as the user; say why when it cannot.
+
+        Checked with the user's own file-system identity (never root's), created by the user
+        (``mkdir`` run as them) only when missing. The compute node's view is checked by SLURM
+        itself: a job that cannot open its output there fails with ``JobLaunchFailure``."""
+        def check() -> str:
+            with userfs.identity(user):
+                if not os.path.isdir(directory):
+                    return "missing"
+                return "ok" if os.access(directory, os.W_OK | os.X_OK, effective_ids=True) else "unwritable"
+        state = await anyio.to_thread.run_sync(check)
+        if state == "unwritable":
+            raise SessionError("job_dir", f"slurm.job_dir: {directory} is not writable by {user.name}"
+                                          " (session job output must go there)")
+        if state == "missing":
+            try:
+                await self.runner.run(["mkdir", "-p", "-m", "0700", "--", str(directory)], user=user)
+            except SlurmError as exc:
+                detail = exc.stderr.strip().splitlines()[-1] if exc.stderr.strip() else exc.reason
+                raise SessionError("job_dir", f"slurm.job_dir: cannot create {directory} as {user.name}:"
+                                              f" {detail}") from None
+
     def _fail(self, session: Session, reason: str) -> None:
         self.transition(session, State.FAILED, reason)
 
-    async def _await_ready(self, session: Session) -> None:
+    async def _await_ready(self, session: Session, user: User) -> None:
         """Watch the job log and the job state until ready, failed or a timeout."""
-        reader = _MarkerReader(Path(session.log_path)) if session.log_path else None
+        reader = _MarkerReader(user, session.log_path) if session.log_path else None
+        probed = False
         while True:
             if session.state == State.READY:
                 return
@@ -247,7 +283,7 @@ class Manager:
                 raise SessionError("failed", session.reason or "session failed")
             if session.state == State.ENDING:
                 raise SessionError("failed", session.reason or "session is ending")
-            marker = reader.poll() if reader else None
+            marker = await anyio.to_thread.run_sync(reader.poll) if reader else None
             if marker is not None:
                 kind, detail = marker
                 if kind == MARKER_READY:
@@ -261,9 +297,34 @@ class Manager:
                 why = f" ({session.pending_reason})" if session.pending_reason else ""
                 await self._cancel_failed(session, f"job pending longer than {cfg.pending_timeout:g}s{why}")
             elif session.state == State.STARTING and now - (session.running_at or now) > cfg.start_timeout:
-                await self._cancel_failed(
-                    session, f"no INSTANCE_READY within {cfg.start_timeout:g}s of the job starting")
+                why = f"no INSTANCE_READY within {cfg.start_timeout:g}s of the job starting"
+                if reader is not None and not reader.seen:
+                    why += (f"; its output {session.log_path} never appeared on this login node:"
+                            f" slurm.job_dir is probably not shared with {session.node or 'the job node'}")
+                await self._cancel_failed(session, why)
+            elif (session.state == State.STARTING and reader is not None and not reader.seen and not probed
+                  and now - (session.running_at or now) > LOG_APPEAR_GRACE):
+                probed = True
+                self._spawn(self._probe_node_local(session, user))
             await asyncio.sleep(READ_INTERVAL)
+
+    async def _probe_node_local(self, session: Session, user: User) -> None:
+        """Ask the job's node (``srun --overlap``, as the user) whether the job's output is
+        there; if it is while this login node cannot see it, job_dir is node-local: say so
+        now rather than at the start timeout."""
+        argv = ["srun", "--overlap", "--quiet", f"--jobid={session.job_id}", "--ntasks=1",
+                "test", "-f", session.log_path]
+        try:
+            await self.runner.run(argv, user=user)
+        except SlurmError:
+            return  # not there, or no answer: no evidence; the start timeout stays the bound
+        if session.state != State.STARTING or await anyio.to_thread.run_sync(
+                userfs.exists, user, session.log_path):
+            return
+        await self._cancel_failed(
+            session, f"the job's output {session.log_path} exists on {session.node or 'the job node'} but not"
+                     f" on this login node: slurm.job_dir ({self.config.job_dir}) is node-local; it must be"
+                     " on storage the compute and login nodes share (e.g. the home)")
 
     async def _mark_ready(self, session: Session) -> None:
         # The user is waiting for a prompt: no SLURM call here. When the marker beat the
@@ -416,7 +477,11 @@ class Manager:
                     self.transition(session, State.ENDED, session.reason if session.state == State.ENDING
                                     else what)
             else:
-                detail = _failure_from_log(session.log_path)
+                detail = _failure_from_log(self._owner(session), session.log_path)
+                if not detail and info.reason == "JobLaunchFailure":
+                    detail = (f"{what} before the instance was ready: probably slurm.job_dir"
+                              f" ({Path(session.log_path).parent}) is missing or not writable on"
+                              f" {info.nodes or 'the job node'} (SLURM could not open the job's output there)")
                 self._fail(session, detail or f"{what} before the instance was ready")
 
     # ---------------------------------------------------------------- start-up
@@ -468,7 +533,7 @@ class Manager:
                     self.apply(session, None, now)
                 else:
                     self.apply(session, info, now)
-                    if session.state == State.STARTING and _log_has_ready(session.log_path):
+                    if session.state == State.STARTING and _log_has_ready(self._owner(session), session.log_path):
                         session.running_at = session.running_at or now
                         self.transition(session, State.READY, "adopted after restart")
         for instance, (info, tags) in by_instance.items():
@@ -486,8 +551,8 @@ class Manager:
         existing = self.by_key.get((user.name, project))
         session = Session(user=user.name, uid=user.uid, project=project, instance=tags["instance"],
                           job_id=info.job_id, submitted_at=now)
-        session.log_path = str(jobspec.jobs_dir(self.config, user.name) / f"{session.instance}.log")
-        session.script_path = session.log_path[:-4] + ".sh"
+        session.log_path = str(jobspec.log_path(self.config, user, session.instance))
+        session.script_path = str(jobspec.jobs_dir(self.config, user.name) / f"{session.instance}.sh")
         session.image_digest = tags.get("digest", "")
         self.sessions[session.id] = session
         self.store.save(session)
@@ -500,8 +565,14 @@ class Manager:
             return
         self.by_key[session.key] = session
         self.apply(session, info, now)
-        if session.state == State.STARTING and _log_has_ready(session.log_path):
+        if session.state == State.STARTING and _log_has_ready(user, session.log_path):
             self.transition(session, State.READY, "adopted after restart")
+
+    def _owner(self, session: Session) -> User | None:
+        try:
+            return lookup_name(session.user)
+        except UnknownUser:
+            return None
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -539,36 +610,54 @@ class Manager:
 
 
 class _MarkerReader:
-    """Reads new complete lines of a job log, re-opening it each time (NFS-safe)."""
+    """Reads new complete lines of a job log as its user, re-opening it each time (NFS
+    close-to-open consistency), at most :data:`READ_CHUNK` bytes per call.
 
-    def __init__(self, path: Path) -> None:
+    Synchronous: the daemon calls :meth:`poll` in a worker thread. Only lines holding
+    ``INSTANCE_`` are decoded, so a log of a million empty lines costs a ``find``, not a
+    million objects."""
+
+    def __init__(self, user: User | None, path: str) -> None:
+        self.user = user
         self.path = path
         self.offset = 0
         self.partial = b""
+        #: Whether the file was ever there (a job whose output never appears on the login
+        #: node writes it to a directory the login node does not share).
+        self.seen = False
 
     def poll(self) -> tuple[str, str] | None:
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError:
+        if self.user is None:
             return None
-        try:
-            size = os.fstat(fd).st_size
-            if size < self.offset:
-                self.offset, self.partial = 0, b""
-            if size == self.offset:
-                return None
-            os.lseek(fd, self.offset, os.SEEK_SET)
-            data = os.read(fd, min(size - self.offset, 1 << 20))
-        finally:
-            os.close(fd)
-        self.offset += len(data)
-        lines = (self.partial + data).split(b"\n")
-        self.partial = lines.pop()[-4096:]
-        for raw in lines:
-            marker = parse_marker(raw.decode(errors="replace"))
-            if marker:
-                return marker
-        return None
+        data, end = userfs.read_from(self.user, self.path, self.offset, READ_CHUNK)
+        if end == 0 and not data:
+            self.seen = self.seen or userfs.exists(self.user, self.path)
+            return None
+        self.seen = True
+        if end < self.offset:           # truncated or replaced: start over
+            self.offset, self.partial = 0, b""
+            return None
+        self.offset = end
+        chunk = self.partial + data
+        cut = chunk.rfind(b"\n")
+        if cut < 0:
+            self.partial = chunk[-4096:]
+            return None
+        self.partial = chunk[cut + 1:][-4096:]
+        return _first_marker(chunk[:cut])
+
+
+def _first_marker(block: bytes) -> tuple[str, str] | None:
+    at = block.find(b"INSTANCE_")
+    while at >= 0:
+        start = block.rfind(b"\n", 0, at) + 1
+        stop = block.find(b"\n", at)
+        stop = len(block) if stop < 0 else stop
+        marker = parse_marker(block[start:stop][:4096].decode(errors="replace"))
+        if marker:
+            return marker
+        at = block.find(b"INSTANCE_", stop)
+    return None
 
 
 def parse_marker(line: str) -> tuple[str, str] | None:
@@ -581,23 +670,25 @@ def parse_marker(line: str) -> tuple[str, str] | None:
     return None
 
 
-def _scan_log(path: str) -> tuple[str, str] | None:
-    if not path:
+def _scan_log(user: User | None, path: str) -> tuple[str, str] | None:
+    """The last marker in the last 64 KiB of a job log (markers are few and near the end)."""
+    if not path or user is None:
         return None
-    reader = _MarkerReader(Path(path))
+    data, _ = userfs.read_from(user, path, -1, READ_CHUNK)
     last = None
-    while (marker := reader.poll()) is not None:
-        last = marker
+    for line in data.split(b"\n"):
+        if b"INSTANCE_" in line:
+            last = parse_marker(line[:4096].decode(errors="replace")) or last
     return last
 
 
-def _log_has_ready(path: str) -> bool:
-    marker = _scan_log(path)
+def _log_has_ready(user: User | None, path: str) -> bool:
+    marker = _scan_log(user, path)
     return marker is not None and marker[0] == MARKER_READY
 
 
-def _failure_from_log(path: str) -> str:
-    marker = _scan_log(path)
+def _failure_from_log(user: User | None, path: str) -> str:
+    marker = _scan_log(user, path)
     if marker and marker[0] == MARKER_FAILED:
         return f"instance failed to start: {marker[1] or 'no reason given'}"
     return ""
@@ -617,19 +708,14 @@ def _reason_class(reason: str) -> str:
     return head[:40] or "unknown"
 
 
-def _write_job_files(spec: jobspec.JobSpec, user: User) -> None:
-    """Root-owned record of the script; a log file the job (as the user) can append to."""
+def _write_job_files(spec: jobspec.JobSpec) -> None:
+    """The broker's root-only record of the submitted script (sbatch reads it from stdin).
+
+    The job's output file is not made here: slurmstepd creates it on the compute node, as
+    the user, in ``slurm.job_dir``."""
     directory = spec.script_path.parent
-    directory.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
-    os.chmod(directory.parent, 0o711)
-    directory.mkdir(exist_ok=True, mode=0o711)
-    os.chmod(directory, 0o711)
+    directory.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    directory.mkdir(exist_ok=True, mode=0o700)
     fd = os.open(spec.script_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(spec.script)
-    fd = os.open(spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        if os.geteuid() == 0:
-            os.fchown(fd, user.uid, user.gid)
-    finally:
-        os.close(fd)

@@ -11,13 +11,16 @@ Three kinds of leftovers, each with a rule that never touches a live session:
     :data:`MAX_INSTANCE_CHECKS` such probes per run, each bounded by
     ``slurm.command_timeout``; a probe that fails is no evidence and changes nothing.
 ``stale_instance``
-    An apptainer state directory ``~/.apptainer/instances/app/<host>/<user>/sb-*``
-    of a known user whose instance no active tagged job carries and, on this host,
-    whose recorded pids are dead. Removed *as the user* (never by root through a
-    path the user controls).
+    An apptainer state directory ``~/.apptainer/instances/app/<node>/<user>/sb-*``
+    of a known user, older than :data:`STATE_DIR_GRACE`, whose instance no active
+    tagged job carries. SLURM's word decides, never a pid: the pids recorded there are
+    the compute node's and mean nothing on the login node, and a node that died
+    cannot be asked. (Processes of an ended job are the job's cgroup's to kill.)
+    Listed and removed *as the user* (never by root through a path the user controls).
 ``old_job_file``
-    A start script or log under ``<state_dir>/jobs/<user>/`` older than
-    ``reaper.retention`` that belongs to no live session.
+    A start script under ``<state_dir>/jobs/<user>/`` (root's record) or a job log in
+    the user's ``slurm.job_dir`` (removed as the user), older than
+    ``reaper.retention``, that belongs to no live session.
 
 What it must not do: run SLURM commands except through ``manager.runner``, act on
 an ambiguous answer (a failed ``squeue`` skips the whole pass), or
@@ -34,9 +37,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anyio
+
+from . import jobspec, userfs
 from . import log as _log
 from .container import _validate as v
-from .identity import UnknownUser, lookup_name
+from .identity import UnknownUser, User, lookup_name
 from .session import State
 from .slurm import commands
 from .slurm.errors import NotFound, SlurmError
@@ -72,6 +78,7 @@ class Reaper:
             await self._orphan_jobs(jobs, report, dry_run)
             await self._stale_instances(jobs, report, dry_run)
             self._old_job_files(jobs, report, dry_run)
+            await self._old_job_logs(jobs, report, dry_run)
         if not dry_run:
             report["pruned_sessions"] = self.manager.store.prune_finished(
                 time.time() - self.config.reaper_retention)
@@ -114,7 +121,11 @@ class Reaper:
                 v.validate_username(info.user)
             except ValueError:
                 continue
-            why = self._log_says_gone(info.user, instance, now, grace)
+            try:
+                owner = lookup_name(info.user)
+            except UnknownUser:
+                continue
+            why = self._log_says_gone(owner, instance, now, grace)
             if why is None and self.config.reaper_instance_check and probes < MAX_INSTANCE_CHECKS:
                 probes += 1
                 why = await self._probe_instance(info, instance, report)
@@ -131,23 +142,23 @@ class Reaper:
             else:
                 await self._scancel(info, report)
 
-    def _log_says_gone(self, user: str, instance: str, now: float, grace: float) -> str | None:
-        path = self.config.state_dir / "jobs" / user / f"{instance}.log"
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError:
-            return None
+    def _log_says_gone(self, owner: User, instance: str, now: float, grace: float) -> str | None:
+        """What the job's own log says of its instance, read as its owner (shared storage)."""
+        path = jobspec.log_path(self.config, owner, instance)
+        with userfs.identity(owner):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+            except OSError:
+                return None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or now - st.st_mtime < grace:
                 return None
-            size = st.st_size
-            os.lseek(fd, max(0, size - 16384), os.SEEK_SET)
-            tail = os.read(fd, 16384).decode(errors="replace")
+            tail = os.pread(fd, 16384, max(0, st.st_size - 16384)).decode(errors="replace")
         finally:
             os.close(fd)
         last = None
-        for line in tail.splitlines():
+        for line in tail.split("\n"):
             word = line.strip().split(":", 1)[0]
             if word in MARKERS:
                 last = line.strip()
@@ -207,7 +218,6 @@ class Reaper:
     async def _stale_instances(self, jobs: dict[str, JobInfo], report: dict[str, Any], dry_run: bool) -> None:
         active = {parse_comment(j.comment).get("instance") for j in jobs.values() if j.active}
         active |= {s.instance for s in self.manager.sessions.values() if s.live and s.instance}
-        here = os.uname().nodename
         now = time.time()
         for name in self.known_users():
             try:
@@ -215,29 +225,18 @@ class Reaper:
             except UnknownUser:
                 continue
             base = Path(owner.home) / ".apptainer" / "instances" / "app"
-            for host_dir in _subdirs(base):
-                user_dir = host_dir / name
-                for inst_dir in _subdirs(user_dir):
-                    inst = inst_dir.name
-                    if not inst.startswith("sb-") or inst in active:
-                        continue
-                    try:
-                        st = os.lstat(inst_dir)
-                    except OSError:
-                        continue
-                    if st.st_uid != owner.uid or now - st.st_mtime < STATE_DIR_GRACE:
-                        continue
-                    if host_dir.name == here and _pids_alive(inst_dir / f"{inst}.json"):
-                        continue
-                    entry = {"user": name, "host": host_dir.name, "instance": inst, "path": str(inst_dir)}
-                    report["stale_instances"].append(entry)
-                    self.log.warning("stale_instance", dry_run=dry_run, **entry)
-                    if dry_run:
-                        continue
-                    try:
-                        await self.manager.runner.run(["rm", "-rf", "--", str(inst_dir)], user=owner)
-                    except SlurmError as exc:
-                        report["errors"].append(f"{inst_dir}: {exc.reason}")
+            for host, inst, path, st in await anyio.to_thread.run_sync(_instance_dirs, owner, base, name):
+                if inst in active or st.st_uid != owner.uid or now - st.st_mtime < STATE_DIR_GRACE:
+                    continue
+                entry = {"user": name, "host": host, "instance": inst, "path": str(path)}
+                report["stale_instances"].append(entry)
+                self.log.warning("stale_instance", dry_run=dry_run, **entry)
+                if dry_run:
+                    continue
+                try:
+                    await self.manager.runner.run(["rm", "-rf", "--", str(path)], user=owner)
+                except SlurmError as exc:
+                    report["errors"].append(f"{path}: {exc.reason}")
 
     # ------------------------------------------------------------------ old job files
 
@@ -272,6 +271,28 @@ class Reaper:
                     report["errors"].append(f"{entry.path}: {exc.strerror or exc}")
 
 
+    async def _old_job_logs(self, jobs: dict[str, JobInfo], report: dict[str, Any], dry_run: bool) -> None:
+        """Job logs in users' ``slurm.job_dir`` past the retention: listed and removed as the user."""
+        keep = {s.instance for s in self.manager.sessions.values() if s.live and s.instance}
+        keep |= {parse_comment(j.comment).get("instance") for j in jobs.values() if j.active}
+        cutoff = time.time() - self.config.reaper_retention
+        for name in self.known_users():
+            try:
+                owner = lookup_name(name)
+                directory = jobspec.job_dir(self.config, owner)
+            except (UnknownUser, ValueError):
+                continue
+            old = [path for path, mtime in await anyio.to_thread.run_sync(_job_logs, owner, directory)
+                   if mtime < cutoff and path.name[:-4] not in keep]
+            for path in old:
+                report["old_job_files"].append({"user": name, "path": str(path)})
+            if old and not dry_run:
+                try:
+                    await self.manager.runner.run(["rm", "-f", "--", *map(str, old)], user=owner)
+                except SlurmError as exc:
+                    report["errors"].append(f"{directory}: {exc.reason}")
+
+
 def _subdirs(path: Path) -> list[Path]:
     """Real subdirectories (symlinks are never followed)."""
     try:
@@ -280,31 +301,47 @@ def _subdirs(path: Path) -> list[Path]:
         return []
 
 
-def _pids_alive(state_file: Path) -> bool:
-    """True if the instance state file names a live process (or cannot be read: keep it)."""
-    try:
-        fd = os.open(state_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True
-    try:
-        data = json.loads(os.read(fd, 1 << 16) or b"{}")
-    except ValueError:
-        return False
-    finally:
-        os.close(fd)
-    for key in ("pid", "ppid"):
-        pid = data.get(key) if isinstance(data, dict) else None
-        if isinstance(pid, int) and pid > 1:
-            try:
-                os.kill(pid, 0)
-                return True
-            except ProcessLookupError:
+#: Bounds on what one user's instance tree can cost a reaper pass.
+MAX_INSTANCE_DIRS = 1000
+
+
+def _instance_dirs(owner: User, base: Path, name: str) -> list[tuple[str, str, Path, os.stat_result]]:
+    """``(node, instance, path, lstat)`` of the user's ``sb-*`` instance state dirs, listed
+    with the user's own file-system identity (it is their tree); odd entries are skipped."""
+    found: list[tuple[str, str, Path, os.stat_result]] = []
+    with userfs.identity(owner):
+        for host_dir in _subdirs(base):
+            for inst_dir in _subdirs(host_dir / name):
+                if not inst_dir.name.startswith("sb-"):
+                    continue
+                try:
+                    v.validate_instance_name(inst_dir.name)
+                    found.append((host_dir.name, inst_dir.name, inst_dir, os.lstat(inst_dir)))
+                except (ValueError, OSError):
+                    continue
+                if len(found) >= MAX_INSTANCE_DIRS:
+                    return found
+    return found
+
+
+def _job_logs(owner: User, directory: Path) -> list[tuple[Path, float]]:
+    """``(path, mtime)`` of the regular ``sb-*.log`` files in a user's job dir, as the user."""
+    out: list[tuple[Path, float]] = []
+    with userfs.identity(owner):
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            return out
+        for entry in entries[:10000]:
+            if not (entry.name.startswith("sb-") and entry.name.endswith(".log")):
                 continue
-            except PermissionError:
-                return True
-    return False
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                out.append((Path(entry.path), st.st_mtime))
+    return out
 
 
 def _slurm_time(text: str) -> float | None:

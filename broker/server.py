@@ -16,11 +16,14 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 from . import log as _log
 from . import protocol as p
-from .identity import User, UnknownUser, in_group, lookup_uid, peer_uid
+from . import userfs
+from .identity import User, UnknownUser, in_group, lookup_name, lookup_uid, peer_uid
 from .manager import Manager, SessionError
-from .session import Session, State
+from .session import TERMINAL, Session, State
 from .shells import command_argv, safe_term
 
 FIRST_REQUEST_TIMEOUT = 30.0
@@ -249,19 +252,26 @@ class Server:
     async def op_show(self, conn: Connection, message: dict[str, Any]) -> None:
         session = self.manager.resolve(self.ref_of(message), conn.user, conn.admin)
         data = self.describe(session, conn, full=True)
-        data["log_tail"] = read_tail(session.log_path, 4096).decode(errors="replace")
+        data["log_tail"] = (await self.read_log(session, -1, 4096))[0].decode(errors="replace")
         await conn.send({"type": "result", "session": data})
 
     async def op_kill(self, conn: Connection, message: dict[str, Any]) -> None:
         session = self.manager.resolve(self.ref_of(message), conn.user, conn.admin)
         reason = p.get_str(message, "reason", default="", max_len=200) or ""
-        await self.manager.kill(session, by=conn.user.name, by_uid=conn.user.uid, reason=reason)
+        if session.state in TERMINAL:
+            # Nothing to end. Audited once per caller and session an hour: repeating it
+            # must not be a way to grow everyone's audit log.
+            self.manager.audit.record_noop(("kill", conn.user.uid, session.id), "kill_noop", user=session.user,
+                                           project=session.project, session=session.id, by=conn.user.name,
+                                           peer_uid=conn.user.uid, reason=reason, state=session.state.value)
+        else:
+            await self.manager.kill(session, by=conn.user.name, by_uid=conn.user.uid, reason=reason)
         await conn.send({"type": "result", "session": self.describe(session, conn)})
 
     async def op_logs(self, conn: Connection, message: dict[str, Any]) -> None:
         session = self.manager.resolve(self.ref_of(message), conn.user, conn.admin)
         offset = p.get_int(message, "offset", default=-1, low=-1, high=1 << 40)
-        data, end = read_from(session.log_path, offset, LOG_TAIL_MAX)
+        data, end = await self.read_log(session, offset, LOG_TAIL_MAX)
         await conn.send({"type": "result", "data": data.decode(errors="replace"), "offset": end,
                          "state": session.state.value})
 
@@ -271,8 +281,19 @@ class Server:
             raise p.ProtocolError("since", "must be a non-negative number (unix time)")
         limit = p.get_int(message, "limit", default=1000, low=1, high=10000)
         users = None if conn.admin else {conn.user.name}
-        entries = self.manager.audit.read(since=float(since), limit=limit, users=users)
-        await conn.send({"type": "result", "events": entries})
+        # Read, filtered and encoded off the event loop; costs the caller's own entries only.
+        frame = await self.manager.audit.reply(since=float(since), limit=limit, users=users, max_json=p.MAX_REPLY)
+        conn.writer.write(frame)
+        await conn.writer.drain()
+
+    async def read_log(self, session: Session, offset: int, size: int) -> tuple[bytes, int]:
+        """Part of a session's job log, read as the session's user (it is their file, in
+        shared storage) in a worker thread; ``offset=-1``: the last ``size`` bytes."""
+        try:
+            owner = lookup_name(session.user)
+        except UnknownUser:
+            return b"", 0
+        return await anyio.to_thread.run_sync(userfs.read_from, owner, session.log_path, offset, size)
 
     def ref_of(self, message: dict[str, Any]) -> str:
         ref = p.get_str(message, "session", max_len=160)
@@ -325,29 +346,6 @@ def bind_unix(path: Path, field: str, *, umask: int) -> socket.socket:
     finally:
         os.umask(old)
     return sock
-
-
-def read_tail(path: str, size: int) -> bytes:
-    data, _ = read_from(path, -1, size)
-    return data
-
-
-def read_from(path: str, offset: int, size: int) -> tuple[bytes, int]:
-    """Read a job log without following links; ``offset=-1`` means the last ``size`` bytes."""
-    if not path:
-        return b"", 0
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return b"", 0
-    try:
-        end = os.fstat(fd).st_size
-        start = max(0, end - size) if offset < 0 else min(offset, end)
-        os.lseek(fd, start, os.SEEK_SET)
-        data = os.read(fd, min(size, end - start))
-        return data, start + len(data)
-    finally:
-        os.close(fd)
 
 
 __all__ = ["Connection", "Server", "State"]

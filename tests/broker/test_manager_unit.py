@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 
@@ -77,9 +78,20 @@ def test_job_end_before_ready_is_a_failure_with_reason(manager, tmp_path):
     log = tmp_path / "job.log"
     log.write_text("noise\nINSTANCE_FAILED: exit 255: FATAL: could not open image\n")
     s.log_path = str(log)
+    s.user = _me().name  # the log is read as the session's user
     manager.apply(s, info("FAILED", "NonZeroExitCode"), 100.0)
     assert s.state == State.FAILED
     assert s.reason == "instance failed to start: exit 255: FATAL: could not open image"
+
+
+def test_launch_failure_names_the_job_dir_as_the_probable_cause(manager, tmp_path):
+    s = tracked(manager, State.SUBMITTED)
+    s.log_path = str(tmp_path / "jobs" / "sb-x.log")
+    manager.apply(s, info("FAILED", "JobLaunchFailure", nodes="node2"), 100.0)
+    assert s.state == State.FAILED
+    assert s.reason == (f"job failed (JobLaunchFailure) before the instance was ready: probably slurm.job_dir"
+                        f" ({tmp_path / 'jobs'}) is missing or not writable on node2 (SLURM could not open"
+                        " the job's output there)")
 
 
 def test_timeout_and_cancelled_ready_session_end(manager):
@@ -97,23 +109,68 @@ def test_parse_marker(line, marker):
     assert parse_marker(line) == marker
 
 
+def _me():
+    import os
+    import pwd
+    from broker.identity import User
+    pw = pwd.getpwuid(os.geteuid())
+    return User(pw.pw_name, pw.pw_uid, pw.pw_gid, (), pw.pw_dir, pw.pw_shell)
+
+
+def _nobody():
+    import pwd
+    from broker.identity import User
+    pw = pwd.getpwnam("nobody")
+    return User(pw.pw_name, pw.pw_uid, pw.pw_gid, (), pw.pw_dir, pw.pw_shell)
+
+
 def test_marker_reader_waits_for_complete_lines(tmp_path):
     path = tmp_path / "log"
-    reader = _MarkerReader(path)
-    assert reader.poll() is None  # no file yet
+    reader = _MarkerReader(_me(), str(path))
+    assert reader.poll() is None and not reader.seen  # no file yet
     path.write_bytes(b"starting\nINSTANCE_RE")
-    assert reader.poll() is None
+    assert reader.poll() is None and reader.seen
     with open(path, "ab") as fh:
         fh.write(b"ADY\n")
     assert reader.poll() == ("INSTANCE_READY", "")
 
 
-def test_marker_reader_does_not_follow_symlinks(tmp_path):
-    target = tmp_path / "secret"
-    target.write_text("INSTANCE_READY\n")
-    link = tmp_path / "log"
-    link.symlink_to(target)
-    assert _MarkerReader(Path(link)).poll() is None
+def test_marker_reader_reads_a_flood_in_bounded_chunks(tmp_path):
+    """A user's log of millions of empty lines costs each poll at most READ_CHUNK bytes."""
+    from broker.manager import READ_CHUNK
+    path = tmp_path / "log"
+    path.write_bytes(b"\n" * (4 * READ_CHUNK + 10) + b"INSTANCE_READY\n")
+    reader = _MarkerReader(_me(), str(path))
+    offsets = []
+    marker = None
+    while marker is None and len(offsets) < 10:
+        marker = reader.poll()
+        offsets.append(reader.offset)
+    assert marker == ("INSTANCE_READY", "")
+    steps = [b - a for a, b in zip([0, *offsets], offsets)]
+    assert max(steps) <= READ_CHUNK and len(offsets) == 5
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="reading as another user needs root")
+def test_marker_reader_reads_as_the_user_not_as_root(tmp_path):
+    """A link in the user's job dir to a root-only file is followed with the user's rights:
+    the marker in the root-only file is never read."""
+    import tempfile
+    shared = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        shared.chmod(0o755)
+        secret = shared / "secret"
+        secret.write_text("INSTANCE_READY\n")
+        secret.chmod(0o600)
+        link = shared / "log"
+        link.symlink_to(secret)
+        assert _MarkerReader(_nobody(), str(link)).poll() is None
+        assert _MarkerReader(_me(), str(link)).poll() == ("INSTANCE_READY", "")
+        secret.chmod(0o644)
+        assert _MarkerReader(_nobody(), str(link)).poll() == ("INSTANCE_READY", "")
+    finally:
+        import shutil
+        shutil.rmtree(shared)
 
 
 def test_finished_sessions_leave_memory_but_stay_findable(manager):

@@ -27,11 +27,21 @@ APPTAINER_BIN_DIR = BIN
 SLURM_CONF = ETC / "slurm.conf"
 CLUSTER_NAME = "sbtest"
 SLURMCTLD_PORT = 16817
-SLURMD_PORT = 16818
-PARTITION = "compute"
-NODE_CPUS = 64                # fake CPU slots (SlurmdParameters=config_overrides)
-NODE_MEMORY_MB = 20000
+PARTITION = "compute"         # both nodes, least-loaded first (LLN), the default
+NODE_CPUS = 64                # fake CPU slots per node (SlurmdParameters=config_overrides)
+NODE_MEMORY_MB = 10000
 DEF_MEM_PER_CPU_MB = 256
+#: Slurmd's timeout: a node whose slurmd stops answering is DOWN (and its jobs NODE_FAIL)
+#: within about this many seconds plus one ping interval.
+SLURMD_TIMEOUT = 10
+
+# --- compute nodes: each its own UTS + mount + PID namespace (tests/cluster/node-init.sh) --
+#: name -> (address, slurmd port). Every node also has a partition of its own name, for
+#: tests that must run on one given node.
+NODES = {"node1": ("127.0.0.2", 16821), "node2": ("127.0.0.3", 16822)}
+#: Login-node directories shared with the nodes besides /home and /opt (re-bound over the
+#: nodes' private /run): munged's socket.
+NODE_SHARED_DIRS = ("/run/munge",)
 
 # --- users ------------------------------------------------------------------------------
 USER_GROUP = "sbroker-users"
@@ -66,7 +76,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def hostname() -> str:
-    """The short hostname; SlurmctldHost and NodeName must equal it."""
+    """The login node's short hostname (SlurmctldHost); never a compute node's."""
     return socket.gethostname().split(".")[0]
 
 

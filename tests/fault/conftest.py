@@ -28,8 +28,9 @@ from tests.integration.daemon import LOG_PATH, SOCKET, STATE_DIR, BrokerProcess,
 from tests.waiting import wait_for
 
 ALICE, BOB = tb.USERS
-GATE_BIN = Path("/run/sbroker-fault/bin")
-GATE_DIR = Path("/run/sbroker-fault/gates")
+# On storage the compute nodes share (their /run is their own): the apptainer gate runs in jobs.
+GATE_BIN = tb.ROOT / "fault" / "bin"
+GATE_DIR = tb.ROOT / "fault" / "gates"
 REAL = {"sbatch": shutil.which("sbatch") or "/usr/bin/sbatch",
         "squeue": shutil.which("squeue") or "/usr/bin/squeue",
         "scancel": shutil.which("scancel") or "/usr/bin/scancel",
@@ -128,11 +129,19 @@ def store_rows() -> dict[str, dict]:
 
 
 def instances_of(user: str) -> set[str]:
-    """Instance names the apptainer (stand-in) state of ``user`` lists on this host."""
-    res = subprocess.run(tb.as_user(user, REAL["apptainer"], "instance", "list", "--json"),
-                         capture_output=True, text=True, cwd="/", timeout=30)
-    assert res.returncode == 0, res.stderr
-    return {i["instance"] for i in json.loads(res.stdout or "{}").get("instances", [])}
+    """Instance names ``apptainer instance list`` gives for ``user`` on every live compute node
+    (instances run on the nodes; each node's list is its own)."""
+    from tests.cluster import harness
+
+    names: set[str] = set()
+    for node in harness.NODES:
+        if node.slurmd_pid() is None and node.init_pid() is None:
+            continue
+        res = subprocess.run(harness.on_node(node.name, REAL["apptainer"], "instance", "list", "--json",
+                                             user=user), capture_output=True, text=True, cwd="/", timeout=30)
+        assert res.returncode == 0, res.stderr
+        names |= {i["instance"] for i in json.loads(res.stdout or "{}").get("instances", [])}
+    return names
 
 
 

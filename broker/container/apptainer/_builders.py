@@ -10,6 +10,7 @@ meaning (a ``,`` in a bind path, a newline, an option-looking image path...).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import PurePosixPath
 from typing import Any, Sequence
 
@@ -38,6 +39,7 @@ __all__ = [
     "build_host_mount_binds",
     "build_exec_args",
     "instance_flags",
+    "with_hostname",
     "build_srun_command",
     "build_sbatch_command",
     "build_shell_in_allocation_command",
@@ -143,6 +145,25 @@ def build_exec_args(
     args += build_host_mount_binds(host_mounts, texlive_prefix)
     args += ["--pwd", workdir, image]
     return args
+
+
+def with_hostname(exec_args: Sequence[str], hostname: str) -> list[str]:
+    """``exec_args`` with the container hostname set to ``hostname``, or, when it is empty,
+    without ``--hostname`` at all, so the container shows the compute node's own name
+    (upstream fixes ``scitex-cloud``, which hides where a session runs)."""
+    args = list(exec_args)
+    if "--hostname" in args:
+        at = args.index("--hostname")
+        del args[at : at + 2]
+    if hostname:
+        args[2:2] = ["--hostname", validate_hostname(hostname)]
+    return args
+
+
+def validate_hostname(hostname: str) -> str:
+    if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", hostname):
+        raise ValueError(f"hostname: must be a hostname of [a-z0-9-] (got {hostname!r})")
+    return hostname
 
 
 def instance_flags(exec_args: Sequence[str]) -> list[str]:

@@ -39,7 +39,8 @@ from typing import Any, Sequence
 from .._validate import validate_instance_name
 from ._builders import build_exec_args, instance_flags
 
-__all__ = ["build_instance_start_script", "MARKER_READY", "MARKER_FAILED", "MARKER_STOPPED"]
+__all__ = ["build_instance_start_script", "render_instance_start_script", "MARKER_READY", "MARKER_FAILED",
+           "MARKER_STOPPED"]
 
 MARKER_READY = "INSTANCE_READY"
 MARKER_FAILED = "INSTANCE_FAILED:"
@@ -207,10 +208,17 @@ def build_instance_start_script(
     The instance gets the same options as an interactive ``build_exec_args`` session
     (``--containall --cleanenv --writable-tmpfs``, env, home, binds) except ``--pwd``.
     """
-    name = validate_instance_name(instance_name)
     exec_args = build_exec_args(
         container_path, username, host_user_dir, host_project_dir, project_slug, dev_repos, host_mounts, texlive_prefix
     )
+    return render_instance_start_script(exec_args, username, project_slug, instance_name)
+
+
+def render_instance_start_script(exec_args: Sequence[str], username: str, project_slug: str,
+                                 instance_name: str) -> str:
+    """The start script for an ``apptainer exec`` argv already built (and perhaps adjusted,
+    e.g. by :func:`~._builders.with_hostname`); the image is its last word."""
+    name = validate_instance_name(instance_name)
     values = {
         "@INSTANCE@": shlex.quote(name),
         "@USER@": shlex.quote(username),
