@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 
 from . import log as _log
+from . import userfs
 from .attach import AttachHub
 from .audit import Audit
 from .config import Config
@@ -37,6 +38,9 @@ def prepare_state_dir(state_dir: Path) -> int:
 async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
     _log.configure(config.log_level)
     log = _log.get("sbroker.daemon")
+    # Files read for a user are opened with their fsuid (broker.userfs); root's own
+    # supplementary groups must not come along.
+    userfs.drop_groups()
     lock_fd = prepare_state_dir(config.state_dir)
     runner = Runner(path=config.path, slurm_conf=config.slurm_conf, timeout=config.command_timeout)
     store = Store(config.state_dir / "sessions.db")
