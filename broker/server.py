@@ -106,9 +106,8 @@ class Server:
             pid, uid, _gid = peer_uid(sock)
             if not self._admit(uid):
                 writer.write(p.encode_json(p.error(
-                    "connections", f"limits.connections_per_user: at most {self.config.limit_connections} "
-                    "connections per user at once; close some (logins, sbroker commands) and retry",
-                    code="limit")))
+                    "limits.connections_per_user", f"at most {self.config.limit_connections} connections "
+                    "per user at once; close some (logins, sbroker commands) and retry", code="limit")))
                 await writer.drain()
                 return
             counted = uid
