@@ -11,7 +11,7 @@ from pathlib import Path
 from . import log as _log
 from . import userfs
 from .attach import AttachHub
-from .audit import Audit
+from .audit import Audit, Rotation
 from .config import Config
 from .manager import Manager
 from .ops import Operations
@@ -44,7 +44,9 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
     lock_fd = prepare_state_dir(config.state_dir)
     runner = Runner(path=config.path, slurm_conf=config.slurm_conf, timeout=config.command_timeout)
     store = Store(config.state_dir / "sessions.db")
-    audit = Audit(Path(config.audit_log) if config.audit_log else config.state_dir / "audit.jsonl")
+    audit = Audit(Path(config.audit_log) if config.audit_log else config.state_dir / "audit.jsonl",
+                  Rotation(max_bytes=config.audit_max_bytes, keep=config.audit_keep,
+                           user_max_bytes=config.audit_user_max_bytes, user_keep=config.audit_user_keep))
     manager = Manager(config, runner, store, audit)
     server = Server(manager, config.socket)
     extensions = _load_extensions(manager, server)
@@ -71,6 +73,7 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
             await ext.close()
         await server.close()
         await manager.close()
+        audit.close()
         store.close()
         os.close(lock_fd)
 

@@ -61,6 +61,11 @@ class Connection:
         self.writer.write(p.encode_json(message, max_json=p.MAX_REPLY))
         await self.writer.drain()
 
+    async def send_frame(self, frame: bytes) -> None:
+        """Send a reply framed elsewhere (a large one is encoded off the event loop)."""
+        self.writer.write(frame)
+        await self.writer.drain()
+
     async def send_error(self, field: str, rule: str, code: str = "invalid") -> None:
         await self.send(p.error(field, rule, code=code))
 
@@ -282,8 +287,7 @@ class Server:
         users = None if conn.admin else {conn.user.name}
         # Read, filtered and encoded off the event loop; costs the caller's own entries only.
         frame = await self.manager.audit.reply(since=float(since), limit=limit, users=users, max_json=p.MAX_REPLY)
-        conn.writer.write(frame)
-        await conn.writer.drain()
+        await conn.send_frame(frame)
 
     async def read_log(self, session: Session, offset: int, size: int) -> tuple[bytes, int]:
         """Part of a session's job log, read as the session's user (it is their file, in
