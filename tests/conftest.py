@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 
-LOCK_WAIT = 1800.0
+LOCK_WAIT = 3600.0
 
 
 @pytest.fixture(scope="session")

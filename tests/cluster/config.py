@@ -69,8 +69,12 @@ SSH_OPTS = [
 # --- product ----------------------------------------------------------------------------
 VENV = Path("/opt/sbroker/venv")
 SBROKER_BIN = VENV / "bin" / "sbroker"
-FORCE_COMMAND = f"{SBROKER_BIN} login"
 BROKER_SOCKET = Path("/run/sbroker-test/broker.sock")
+#: session_scripts/sbroker-login installed for the bed (its socket set to BROKER_SOCKET): the
+#: forced users' login shell on the login node and sshd's ForceCommand. `sbroker login`
+#: takes its socket from this root-owned file only, never from the user's environment.
+LOGIN_WRAPPER = BIN / "sbroker-login"
+FORCE_COMMAND = str(LOGIN_WRAPPER)
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -355,15 +355,19 @@ def ensure_groups_and_users() -> None:
         except KeyError:
             run(["groupadd", g])
     wanted = {u: C.USER_GROUP for u in C.USERS} | {C.ADMIN: C.ADMIN_GROUP}
+    # Forced users' login shell on the login node is the wrapper (sshd runs `shell -c
+    # ForceCommand`: bash would read their dotfiles first); node-init gives the compute
+    # nodes a passwd with bash, as a login-node-only override (sssd override_shell) does.
+    shells = {u: str(C.LOGIN_WRAPPER) for u in C.USERS} | {C.ADMIN: "/bin/bash"}
     for user, group in wanted.items():
         try:
             pwd.getpwnam(user)
         except KeyError:
             # '*' (not '!'): no password login, but not "locked" for sshd either
-            run(["useradd", "--create-home", "--shell", "/bin/bash", "--password", "*",
+            run(["useradd", "--create-home", "--shell", shells[user], "--password", "*",
                  "--groups", group, user])
         else:
-            run(["usermod", "--shell", "/bin/bash", "--password", "*", "-a", "-G", group, user])
+            run(["usermod", "--shell", shells[user], "--password", "*", "-a", "-G", group, user])
         other = C.ADMIN_GROUP if group == C.USER_GROUP else C.USER_GROUP
         if user in grp.getgrnam(other).gr_mem:
             run(["gpasswd", "-d", user, other])
@@ -469,7 +473,6 @@ ConstrainDevices=no
 
 
 def forcecommand_match_block(*, group: str = C.USER_GROUP, force_command: str = C.FORCE_COMMAND,
-                             socket_path: Path | str = C.BROKER_SOCKET,
                              slurm_conf: Path | str = C.SLURM_CONF) -> str:
     """The sshd ``Match`` block that sends members of GROUP into the broker.
 
@@ -480,7 +483,8 @@ def forcecommand_match_block(*, group: str = C.USER_GROUP, force_command: str = 
     return f"""\
 Match Group {group}
     ForceCommand {force_command}
-    SetEnv SBROKER_SOCKET={socket_path} SLURM_CONF={slurm_conf}
+    SetEnv SLURM_CONF={slurm_conf}
+    PermitUserRC no
     AllowTcpForwarding no
     AllowStreamLocalForwarding no
     AllowAgentForwarding no
@@ -734,6 +738,22 @@ def install_product() -> None:
         log(f"installed the working tree into {C.VENV} ({time.monotonic() - t0:.1f}s)")
 
 
+def install_login_wrapper() -> None:
+    """session_scripts/sbroker-login as the bed's ForceCommand and forced users' login shell,
+    root-owned, with the bed's broker socket (a site edits the same line of its copy)."""
+    text = (C.REPO / "session_scripts" / "sbroker-login").read_text()
+    line = "SBROKER_SOCKET=/run/sbroker/broker.sock\n"
+    if line not in text:
+        raise HarnessError(f"session_scripts/sbroker-login has no line {line.strip()!r} to point at the bed")
+    C.BIN.mkdir(parents=True, exist_ok=True)
+    write_if_changed(C.LOGIN_WRAPPER, text.replace(line, f"SBROKER_SOCKET={C.BROKER_SOCKET}\n"), 0o755)
+    os.chown(C.LOGIN_WRAPPER, 0, 0)
+    shells = Path("/etc/shells").read_text()
+    if str(C.LOGIN_WRAPPER) not in shells.split():
+        with open("/etc/shells", "a") as f:
+            f.write(f"{C.LOGIN_WRAPPER}\n")
+
+
 def install_standin() -> None:
     """Install the apptainer stand-in into BIN (unless a real apptainer is on PATH) and
     build the test image into IMAGES. Both come from tests/standin (its own module)."""
@@ -771,6 +791,7 @@ def up(*, reinstall: bool = True) -> None:
     with testbed_lock():
         ensure_hostname()
         ensure_dirs()
+        install_login_wrapper()
         slurm_changed = write_if_changed(C.SLURM_CONF, slurm_conf_text(), 0o644)
         slurm_changed |= write_if_changed(CGROUP_CONF, cgroup_conf_text(), 0o644)
         ensure_groups_and_users()

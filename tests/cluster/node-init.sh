@@ -39,6 +39,10 @@ done
 mkdir -p /run/sshd /var/spool/slurmd /var/lib/slurm
 printf '%s\n127.0.0.2 node1\n127.0.0.3 node2\n' "$hosts" > /run/hosts
 mount --bind /run/hosts /etc/hosts
+# Login shells are the login node's business: forced users' wrapper shell there is bash on
+# compute nodes (what a login-node-only sssd override_shell gives; apptainer copies it).
+sed -e 's#:[^:]*/sbroker-login$#:/bin/bash#' /etc/passwd > /run/passwd
+mount --bind /run/passwd /etc/passwd
 
 SLURM_CONF=$conf slurmd -f "$conf"
 

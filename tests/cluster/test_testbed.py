@@ -3,11 +3,13 @@ ssh through the loopback sshd, and the harness's idempotency."""
 
 from __future__ import annotations
 
+import os
 import pwd
 import re
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pexpect
 import pytest
@@ -55,13 +57,51 @@ def alice_job():
     scancel(job)
 
 
-def test_node_is_up_with_64_slots():
-    p = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %P %C %m"], env=C.slurm_env(),
+def test_two_compute_nodes_are_up_with_64_slots_each():
+    p = subprocess.run(["sinfo", "-h", "-N", "-p", C.PARTITION, "-o", "%N %P %C %m"], env=C.slurm_env(),
                        capture_output=True, text=True, timeout=30)
-    node, part, cpus, mem = p.stdout.split()
-    assert node == C.hostname() and part == f"{C.PARTITION}*"
-    assert cpus.split("/")[-1] == str(C.NODE_CPUS)
-    assert int(mem) == C.NODE_MEMORY_MB
+    rows = [line.split() for line in p.stdout.splitlines()]
+    assert [r[0] for r in rows] == list(C.NODES) and C.hostname() not in C.NODES
+    for node, part, cpus, mem in rows:
+        assert part == f"{C.PARTITION}*"
+        assert cpus.split("/")[-1] == str(C.NODE_CPUS)
+        assert int(mem) == C.NODE_MEMORY_MB
+
+
+@pytest.mark.parametrize("node", list(C.NODES))
+def test_a_node_has_its_own_hostname_tmp_run_and_processes(node):
+    """What a job on NODE sees is the node's: hostname, an empty private /tmp, its own /run
+    (no broker socket), its own process tree; /home is the login node's."""
+    marker = Path("/tmp") / f"login-only-{uuid.uuid4().hex[:8]}"
+    marker.write_text("x")
+    try:
+        tag = uuid.uuid4().hex[:8]
+        job = submit(ALICE, "-p", node, "--wrap",
+                     f"echo {tag} $(hostname) $SLURMD_NODENAME;"
+                     f" test -e {marker} && echo tmp-shared; test -e /run/sbroker-test && echo run-shared;"
+                     " ps -e -o comm= | grep -qx sshd && echo sees-sshd; true")
+        out = f"{home(ALICE)}/slurm-{job}.out"
+        wait_for(lambda: os.path.exists(out) and tag in open(out).read(), 20, f"{out} to be written")
+        wait_for(lambda: states(job).get(job) in (None, "COMPLETED"), 20, f"job {job} done")
+        assert open(out).read().split() == [tag, node, node]
+    finally:
+        marker.unlink()
+
+
+def test_a_double_forked_process_dies_with_its_job():
+    """proctrack/cgroup: a process that escaped its job's process tree still ends with it."""
+    tag = f"sb-escape-{uuid.uuid4().hex[:8]}"
+    job = submit(ALICE, "-p", "node1", "--wrap", f"setsid sh -c 'exec -a {tag} sleep 600 &'; sleep 1")
+    wait_for(lambda: states(job).get(job) in (None, "COMPLETED"), 20, f"job {job} done")
+    wait_for(lambda: not [p for p in harness.node("node1").pids() if tag in _cmdline(p)], 10,
+             f"the escaped {tag} to be gone from node1")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def test_batch_output_lands_in_users_home():
@@ -133,7 +173,7 @@ def test_ssh_admin_gets_a_plain_shell():
     p = subprocess.run(C.ssh_command(C.ADMIN, 'id -un; sinfo -h -o %P; exit 3'),
                        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
     assert p.returncode == 3, p.stderr
-    assert p.stdout.split() == [C.ADMIN, f"{C.PARTITION}*"]
+    assert p.stdout.split() == [C.ADMIN, f"{C.PARTITION}*", *C.NODES]
 
 
 def test_ssh_user_hits_forcecommand():
@@ -153,15 +193,17 @@ def test_ssh_user_hits_forcecommand():
 
 
 def test_harness_up_is_idempotent():
-    before = {d.name: d.pid() for d in harness.DAEMONS}
+    before = {d.name: d.pid() for d in harness.DAEMONS} | {n.name: n.slurmd_pid() for n in harness.NODES}
     p = subprocess.run([sys.executable, "-m", "tests.cluster", "up", "--no-reinstall"],
                        cwd=C.REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
-    assert {d.name: d.pid() for d in harness.DAEMONS} == before
+    assert {d.name: d.pid() for d in harness.DAEMONS} | {n.name: n.slurmd_pid() for n in harness.NODES} == before
     s = subprocess.run([sys.executable, "-m", "tests.cluster", "status"], cwd=C.REPO,
                        capture_output=True, text=True, timeout=60)
     assert s.returncode == 0, s.stdout + s.stderr
-    for name in ("slurmctld", "slurmd", "sshd"):
+    for name in ("slurmctld", "sshd"):
         assert re.search(rf"^{name}\s+running, pid {before[name]}$", s.stdout, re.M), s.stdout
-    assert re.search(rf"^sinfo\s+{C.PARTITION}\* up infinite 1 \w+ {C.hostname()}", s.stdout,
+    for node in C.NODES:
+        assert re.search(rf"^{node}\s+up, init pid \d+, slurmd pid \d+$", s.stdout, re.M), s.stdout
+    assert re.search(rf"^sinfo\s+{C.PARTITION}\* up infinite 2 \w+ node\[1-2\]", s.stdout,
                      re.M), s.stdout
