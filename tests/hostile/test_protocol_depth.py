@@ -7,42 +7,27 @@ carries the config suffices) and talks to it with the real client.
 
 from __future__ import annotations
 
-import asyncio
-import tempfile
-import threading
-from pathlib import Path
 from types import SimpleNamespace
 
 from broker import protocol as p
 from broker.client import Client
 from broker.config import Config
-from broker.server import Server
+
+from ._inproc import serving
 
 NESTED = b"[" * 50_000  # ~1,000x deeper than the C decoder's recursion limit allows
 
 
 def test_deeply_nested_frame_is_refused_with_one_error_line() -> None:
-    socket_path = Path(tempfile.mkdtemp(prefix="sbhostile-depth-")) / "broker.sock"
-    manager = SimpleNamespace(config=Config(socket=str(socket_path), image="/x.sif"))
-    loop = asyncio.new_event_loop()
-    server = Server(manager, str(socket_path))  # type: ignore[arg-type]
-    loop.run_until_complete(server.start())
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        with Client(str(socket_path), timeout=10) as client:
+    with serving(SimpleNamespace(config=Config(image="/x.sif"))) as (socket_path, _loop):
+        with Client(socket_path, timeout=10) as client:
             client.sock.sendall(p.encode(p.KIND_JSON, NESTED))
             reply = client.recv()
         assert reply["type"] == "error"
         assert reply["field"] == "frame"
         assert reply["message"] == f"frame: JSON nests deeper than {p.MAX_DEPTH} levels"
-        with Client(str(socket_path), timeout=10) as client:  # and the daemon still serves
+        with Client(socket_path, timeout=10) as client:  # and the daemon still serves
             assert client.request("ping")["type"] == "result"
-    finally:
-        asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
 
 
 def test_depth_bound_is_exact_and_ignores_brackets_in_strings() -> None:
