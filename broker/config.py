@@ -50,6 +50,9 @@ class Config:
     socket: str = "/run/sbroker/broker.sock"
     state_dir: Path = Path("/var/lib/sbroker")
     admin_group: str = "sbroker-admins"
+    #: Jobs owned (per SLURM's numeric uid) by a uid below this are never adopted, probed or
+    #: cancelled on the scheduler's word: root and system accounts are not session users.
+    min_uid: int = 1000
     log_level: str = "info"
     metrics_socket: str = ""
     metrics_port: int = 0
@@ -122,6 +125,7 @@ _FIELDS: list[tuple[str, str, str, str]] = [
     ("broker", "socket", "socket", "abspath"),
     ("broker", "state_dir", "state_dir", "abspath"),
     ("broker", "admin_group", "admin_group", "name"),
+    ("broker", "min_uid", "min_uid", "int:1:4294967294"),
     ("broker", "log_level", "log_level", "loglevel"),
     ("broker", "metrics_socket", "metrics_socket", "abspath_or_empty"),
     ("broker", "metrics_port", "metrics_port", "int:0:65535"),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import secrets
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -32,11 +33,11 @@ from . import limits
 from . import log as _log
 from .audit import Audit
 from .config import Config
-from .identity import User, UnknownUser, lookup_name
+from .identity import User, UnknownUser, lookup_name, lookup_uid
 from .session import State, Session, TERMINAL
 from .slurm import commands
 from .slurm.errors import CommandFailed, ControllerUnavailable, NotFound, SlurmError
-from .slurm.parse import JobInfo, parse_comment, parse_sbatch, parse_squeue
+from .slurm.parse import JobInfo, parse_comment, parse_poll, parse_sbatch, parse_squeue_json
 from .slurm.runner import Runner
 from .store import Store
 
@@ -346,10 +347,11 @@ class Manager:
         if not session.job_id:
             return
         self._cancel_sent[session.job_id] = time.time()
-        try:
-            owner = lookup_name(session.user)
-        except UnknownUser:
-            owner = None
+        owner = self._owner(session)
+        if owner is None or owner.uid != session.uid or owner.uid < self.config.min_uid:
+            self.log.error("scancel_refused", session=session.id, job_id=session.job_id,
+                           reason=f"{session.user} (uid {session.uid}) is not a session user here")
+            return
         try:
             await self.runner.run(commands.scancel(session.job_id), user=owner)
         except NotFound:
@@ -398,9 +400,11 @@ class Manager:
         if not tracked:
             return
         started = time.monotonic()
+        token = secrets.token_hex(8)
+        asked = {s.job_id for s in tracked}
         try:
-            result = await self.runner.run(commands.squeue_jobs(s.job_id for s in tracked))
-            jobs = parse_squeue(result.stdout)
+            result = await self.runner.run(commands.squeue_jobs(asked, token))
+            jobs = parse_poll(result.stdout, token, asked)
         except NotFound:
             jobs = {}
         except ControllerUnavailable as exc:
@@ -492,8 +496,11 @@ class Manager:
             self._track(session)
         try:
             result = await self.runner.run(commands.squeue_all())
-            jobs = parse_squeue(result.stdout)
+            jobs = parse_squeue_json(result.stdout)
             self.controller_ok = True
+        except ValueError as exc:
+            self.log.warning("reconcile_deferred", reason=f"squeue --json: {exc}")
+            jobs = None
         except SlurmError as exc:
             self.log.warning("reconcile_deferred", reason=exc.reason)
             jobs = None
@@ -510,15 +517,39 @@ class Manager:
         adopted = sum(1 for s in self.sessions.values() if s.live)
         self.log.info("reconciled", live_sessions=adopted)
 
+    def owner_of(self, info: JobInfo) -> User | None:
+        """The job's owner by SLURM's numeric uid (never the comment's ``user=``); None for
+        root, system accounts (below ``broker.min_uid``) and unknown uids: nothing is done as
+        them on the scheduler's word."""
+        if info.uid < self.config.min_uid:
+            return None
+        try:
+            return lookup_uid(info.uid)
+        except UnknownUser:
+            return None
+
+    def tagged(self, info: JobInfo) -> tuple[User, dict[str, str]] | None:
+        """``(owner, tags)`` of an active job carrying the broker's tag *for its own owner*:
+        a user can write any comment on their own job, so ``user=`` must name SLURM's owner."""
+        tags = parse_comment(info.comment)
+        if not tags or not info.active:
+            return None
+        owner = self.owner_of(info)
+        if owner is None or tags.get("user") != owner.name:
+            return None
+        return owner, tags
+
     def _reconcile(self, jobs: dict[str, JobInfo]) -> None:
         by_instance = {}
-        for info in jobs.values():
-            tags = parse_comment(info.comment)
-            if tags and tags.get("user") == info.user and info.active:
-                by_instance[tags.get("instance", "")] = (info, tags)
+        for info in sorted(jobs.values(), key=lambda j: -int(j.job_id)):  # the oldest wins a clash
+            found = self.tagged(info)
+            if found:
+                by_instance[found[1].get("instance", "")] = (info, found[1])
         now = time.time()
         for session in list(self.sessions.values()):
             found = by_instance.pop(session.instance, None) if session.instance else None
+            if found and found[0].uid != session.uid:
+                found = None
             if session.state == State.REQUESTED:
                 if found:
                     session.job_id = found[0].job_id
@@ -542,7 +573,9 @@ class Manager:
     def _adopt(self, info: JobInfo, tags: dict[str, str], now: float) -> None:
         """A tagged job this broker does not know (lost write, or another login node)."""
         try:
-            user = lookup_name(info.user)
+            user = self.owner_of(info)
+            if user is None:
+                raise UnknownUser(f"uid {info.uid} is not a session user")
             project = jobspec.check_project(self.config, tags.get("project", ""))
             jobspec.v.validate_instance_name(tags.get("instance", ""))
         except (UnknownUser, ValueError) as exc:

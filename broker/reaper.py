@@ -46,7 +46,7 @@ from .identity import UnknownUser, User, lookup_name
 from .session import State
 from .slurm import commands
 from .slurm.errors import NotFound, SlurmError
-from .slurm.parse import JobInfo, parse_comment, parse_squeue
+from .slurm.parse import JobInfo, parse_squeue_json
 
 MAX_INSTANCE_CHECKS = 8
 #: A state dir younger than this may belong to a job submitted after our squeue snapshot.
@@ -70,10 +70,13 @@ class Reaper:
         jobs: dict[str, JobInfo] | None
         try:
             result = await self.manager.runner.run(commands.squeue_all())
-            jobs = parse_squeue(result.stdout)
+            jobs = parse_squeue_json(result.stdout)
         except SlurmError as exc:
             jobs = None
             report["errors"].append(f"squeue: {exc.reason} (job and instance checks skipped)")
+        except ValueError as exc:
+            jobs = None
+            report["errors"].append(f"squeue --json: {exc} (job and instance checks skipped)")
         if jobs is not None:
             await self._orphan_jobs(jobs, report, dry_run)
             await self._stale_instances(jobs, report, dry_run)
@@ -105,9 +108,10 @@ class Reaper:
         by_job = {s.job_id: s for s in self.manager.sessions.values() if s.live and s.job_id}
         probes = 0
         for info in sorted(jobs.values(), key=lambda j: int(j.job_id)):
-            tags = parse_comment(info.comment)
-            if not tags or tags.get("user") != info.user or info.state != "RUNNING":
+            found = self.manager.tagged(info)
+            if found is None or info.state != "RUNNING":
                 continue
+            owner, tags = found
             session = by_job.get(info.job_id)
             if session is not None and session.state in (State.SUBMITTED, State.PENDING, State.STARTING,
                                                           State.ENDING):
@@ -121,17 +125,13 @@ class Reaper:
                 v.validate_username(info.user)
             except ValueError:
                 continue
-            try:
-                owner = lookup_name(info.user)
-            except UnknownUser:
-                continue
             why = self._log_says_gone(owner, instance, now, grace)
             if why is None and self.config.reaper_instance_check and probes < MAX_INSTANCE_CHECKS:
                 probes += 1
-                why = await self._probe_instance(info, instance, report)
+                why = await self._probe_instance(info, owner, instance, report)
             if why is None:
                 continue
-            entry = {"job_id": info.job_id, "user": info.user, "project": tags.get("project", ""),
+            entry = {"job_id": info.job_id, "user": owner.name, "project": tags.get("project", ""),
                      "instance": instance, "why": why, "session": session.id if session else None}
             report["orphan_jobs"].append(entry)
             self.log.warning("orphan_job", dry_run=dry_run, **entry)
@@ -140,7 +140,7 @@ class Reaper:
             if session is not None:
                 await self.manager.kill(session, by="sbroker", by_uid=0, reason=f"reaper: {why}")
             else:
-                await self._scancel(info, report)
+                await self._scancel(info, owner, tags, report)
 
     def _log_says_gone(self, owner: User, instance: str, now: float, grace: float) -> str | None:
         """What the job's own log says of its instance, read as its owner (shared storage)."""
@@ -166,11 +166,8 @@ class Reaper:
             return f"start script log says {last[:120]}"
         return None
 
-    async def _probe_instance(self, info: JobInfo, instance: str, report: dict[str, Any]) -> str | None:
-        try:
-            owner = lookup_name(info.user)
-        except UnknownUser:
-            return None
+    async def _probe_instance(self, info: JobInfo, owner: User, instance: str,
+                              report: dict[str, Any]) -> str | None:
         argv = ["srun", "--overlap", "--quiet", f"--jobid={info.job_id}", "--ntasks=1",
                 "apptainer", "instance", "list", "--json", instance]
         try:
@@ -184,18 +181,15 @@ class Reaper:
             return None
         return "instance not listed by apptainer inside the job"
 
-    async def _scancel(self, info: JobInfo, report: dict[str, Any]) -> None:
-        try:
-            owner = lookup_name(info.user)
-        except UnknownUser:
-            owner = None
+    async def _scancel(self, info: JobInfo, owner: User, tags: dict[str, str], report: dict[str, Any]) -> None:
+        """Cancel a job as its SLURM owner (never as root: ``owner`` comes from ``tagged``)."""
         try:
             await self.manager.runner.run(commands.scancel(info.job_id), user=owner)
         except NotFound:
             pass
         except SlurmError as exc:
             report["errors"].append(f"scancel {info.job_id}: {exc.reason}")
-        self.manager.audit.record("kill", user=info.user, project=parse_comment(info.comment).get("project"),
+        self.manager.audit.record("kill", user=owner.name, project=tags.get("project"),
                                   job_id=info.job_id, by="sbroker", peer_uid=0, reason="reaper: orphan job")
 
     # ------------------------------------------------------------------ instance state files
@@ -216,8 +210,7 @@ class Reaper:
         return out
 
     async def _stale_instances(self, jobs: dict[str, JobInfo], report: dict[str, Any], dry_run: bool) -> None:
-        active = {parse_comment(j.comment).get("instance") for j in jobs.values() if j.active}
-        active |= {s.instance for s in self.manager.sessions.values() if s.live and s.instance}
+        active = _active_instances(self.manager, jobs)
         now = time.time()
         for name in self.known_users():
             try:
@@ -241,8 +234,7 @@ class Reaper:
     # ------------------------------------------------------------------ old job files
 
     def _old_job_files(self, jobs: dict[str, JobInfo], report: dict[str, Any], dry_run: bool) -> None:
-        keep = {s.instance for s in self.manager.sessions.values() if s.live and s.instance}
-        keep |= {parse_comment(j.comment).get("instance") for j in jobs.values() if j.active}
+        keep = _active_instances(self.manager, jobs)
         cutoff = time.time() - self.config.reaper_retention
         root = self.config.state_dir / "jobs"
         for user_dir in _subdirs(root):
@@ -273,8 +265,7 @@ class Reaper:
 
     async def _old_job_logs(self, jobs: dict[str, JobInfo], report: dict[str, Any], dry_run: bool) -> None:
         """Job logs in users' ``slurm.job_dir`` past the retention: listed and removed as the user."""
-        keep = {s.instance for s in self.manager.sessions.values() if s.live and s.instance}
-        keep |= {parse_comment(j.comment).get("instance") for j in jobs.values() if j.active}
+        keep = _active_instances(self.manager, jobs)
         cutoff = time.time() - self.config.reaper_retention
         for name in self.known_users():
             try:
@@ -291,6 +282,16 @@ class Reaper:
                     await self.manager.runner.run(["rm", "-f", "--", *map(str, old)], user=owner)
                 except SlurmError as exc:
                     report["errors"].append(f"{directory}: {exc.reason}")
+
+
+def _active_instances(manager: Any, jobs: dict[str, JobInfo]) -> set[str]:
+    """Instances of live sessions and of active jobs tagged for their own SLURM owner."""
+    active = {s.instance for s in manager.sessions.values() if s.live and s.instance}
+    for info in jobs.values():
+        found = manager.tagged(info)
+        if found:
+            active.add(found[1].get("instance", ""))
+    return active
 
 
 def _subdirs(path: Path) -> list[Path]:

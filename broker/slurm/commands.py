@@ -8,22 +8,24 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .parse import SQUEUE_FORMAT
+from .parse import poll_format
 
 
-def squeue_jobs(job_ids: Iterable[str]) -> list[str]:
-    """One ``squeue`` for many jobs, every state, fixed format, no header."""
+def squeue_jobs(job_ids: Iterable[str], token: str) -> list[str]:
+    """One ``squeue`` for many jobs, every state, no header, in the poll's unforgeable
+    format (:func:`~.parse.poll_format`; no user-controlled field)."""
     ids = set(job_ids)
     for job_id in ids:
-        if not job_id.isdigit():
+        if not (job_id.isdigit() and job_id.isascii()):
             raise ValueError(f"job_id: must be digits (got {job_id!r})")
     ids = sorted(ids, key=int)
-    return ["squeue", "--noheader", "--states=all", f"--format={SQUEUE_FORMAT}", f"--jobs={','.join(ids)}"]
+    return ["squeue", "--noheader", "--states=all", f"--format={poll_format(token)}", f"--jobs={','.join(ids)}"]
 
 
 def squeue_all() -> list[str]:
-    """Every job the controller knows (used once at start to find tagged jobs)."""
-    return ["squeue", "--noheader", "--states=all", f"--format={SQUEUE_FORMAT}"]
+    """Every job the controller knows, as JSON (adoption at start, the reaper): the one
+    output whose user-controlled fields (name, comment) cannot forge a record."""
+    return ["squeue", "--json"]
 
 
 def scancel(job_id: str, *, signal: str | None = None) -> list[str]:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import re
+import time
 from dataclasses import dataclass
 
-#: Fields asked of ``squeue`` in this order; ``%k`` (comment) last because only it
-#: may contain the separator.
-SQUEUE_FIELDS = ("%i", "%T", "%r", "%N", "%S", "%L", "%u", "%j", "%k")
-SQUEUE_FORMAT = "|".join(SQUEUE_FIELDS)
+#: Fields the poll asks of ``squeue``, in this order: none of them is text a user controls
+#: (the job name ``%j`` and comment ``%k`` may hold ``|`` and any line boundary, and users
+#: change their own job's comment at will). ``%U`` is SLURM's numeric owner: the only owner.
+POLL_FIELDS = ("%i", "%T", "%r", "%N", "%S", "%L", "%U", "%u")
 
 _CONTROLLER_DOWN = (
     "unable to contact slurm controller",
@@ -23,7 +25,8 @@ _NOT_FOUND = ("invalid job id specified", "invalid job id", "job not found")
 
 @dataclass(frozen=True)
 class JobInfo:
-    """One line of ``squeue``: the scheduler's view of a job."""
+    """The scheduler's view of one job. ``uid`` is SLURM's numeric owner; ``name`` and
+    ``comment`` are the user's text (empty when the query did not ask for them)."""
 
     job_id: str
     state: str
@@ -34,6 +37,7 @@ class JobInfo:
     user: str
     name: str
     comment: str
+    uid: int = -1
 
     @property
     def active(self) -> bool:
@@ -45,18 +49,66 @@ ACTIVE_STATES = frozenset(
 )
 
 
-def parse_squeue(text: str) -> dict[str, JobInfo]:
-    """Parse ``squeue --noheader --format=SQUEUE_FORMAT`` output keyed by job id."""
+def poll_format(token: str) -> str:
+    """``--format`` for the poll: each record between a per-call random ``token`` and ``|``."""
+    if not re.fullmatch(r"[0-9a-f]{16,64}", token):
+        raise ValueError("token: must be 16-64 lowercase hex digits")
+    return "|".join((token, *POLL_FIELDS, token))
+
+
+def parse_poll(text: str, token: str, asked: set[str]) -> dict[str, JobInfo]:
+    """Parse the poll's ``squeue`` output strictly; only jobs that were ``asked`` for.
+
+    A record is one line split on ``|`` into exactly ``len(POLL_FIELDS) + 2`` fields,
+    framed by ``token`` on both sides, with a numeric job id and uid. Anything else is
+    ignored, and so is every record of a job id that appears more than once: a forged line
+    cannot carry the token, and if one ever did, the duplicate makes the job unknown rather
+    than wrong (the truth table then waits out its grace period)."""
+    seen: dict[str, JobInfo] = {}
+    dup: set[str] = set()
+    for line in text.split("\n"):
+        parts = line.split("|")
+        if len(parts) != len(POLL_FIELDS) + 2 or parts[0] != token or parts[-1] != token:
+            continue
+        job_id, state, reason, nodes, start, left, uid, user = parts[1:-1]
+        if not (job_id.isdigit() and job_id.isascii() and uid.isdigit() and uid.isascii()) \
+                or job_id not in asked:
+            continue
+        if job_id in seen:
+            dup.add(job_id)
+        seen[job_id] = JobInfo(job_id, state, reason, nodes, start, left, user, "", "", int(uid))
+    return {k: v for k, v in seen.items() if k not in dup}
+
+
+def parse_squeue_json(text: str) -> dict[str, JobInfo]:
+    """Parse ``squeue --json`` (22.05: OpenAPI v0.0.38; it ignores filters, so this is every
+    job the controller knows). JSON cannot be forged from inside a field, which makes it the
+    form to use where the comment matters (adoption, the reaper). Raises ``ValueError``."""
+    data = json.loads(text)
+    if not isinstance(data, dict) or not isinstance(data.get("jobs"), list):
+        raise ValueError("squeue --json: no jobs list")
     jobs: dict[str, JobInfo] = {}
-    for line in text.splitlines():
-        if not line.strip():
+    dup: set[str] = set()
+    for job in data["jobs"]:
+        if not isinstance(job, dict):
             continue
-        parts = line.split("|", len(SQUEUE_FIELDS) - 1)
-        if len(parts) != len(SQUEUE_FIELDS) or not parts[0].strip().isdigit():
+        job_id, uid = job.get("job_id"), job.get("user_id")
+        if not isinstance(job_id, int) or isinstance(job_id, bool) or not isinstance(uid, int) \
+                or isinstance(uid, bool):
             continue
-        info = JobInfo(*(p.strip() for p in parts))
-        jobs[info.job_id] = info
-    return jobs
+        key = str(job_id)
+        if key in jobs:
+            dup.add(key)
+        start = job.get("start_time")
+        jobs[key] = JobInfo(
+            key, _text(job.get("job_state")), _text(job.get("state_reason")), _text(job.get("nodes")),
+            time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(start)) if isinstance(start, int) and start > 0
+            else "N/A", "", _text(job.get("user_name")), _text(job.get("name")), _text(job.get("comment")), uid)
+    return {k: v for k, v in jobs.items() if k not in dup}
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ""
 
 
 def parse_sbatch(text: str) -> str:

@@ -25,7 +25,7 @@ def manager(tmp_path):
 
 
 def info(state, reason="None", nodes="vm", start="N/A", left="1:00:00"):
-    return JobInfo("7", state, reason, nodes, start, left, "alice", "sb", "")
+    return JobInfo("7", state, reason, nodes, start, left, "alice", "sb", "", 1000)
 
 
 def tracked(manager, state):
