@@ -82,24 +82,55 @@ def split_project(command: str | None, env_project: str | None) -> tuple[str | N
     return project, command
 
 
-def socket_from_argv(argv: list[str] | None) -> str:
-    """``--socket PATH`` / ``--socket=PATH`` from the wrapper, else the default socket.
+USAGE = """\
+usage: sbroker login [--socket PATH]
+
+sshd's ForceCommand for sbroker users (installed as session_scripts/sbroker-login, which
+is also their login shell on login nodes). It connects this SSH login to the user's
+container session inside a SLURM allocation, creating the session once if needed:
+
+  ssh login-node                     an interactive shell in the session (project: default)
+  ssh login-node @proj               the same for project "proj" (or SendEnv SBROKER_PROJECT)
+  ssh login-node [@proj] CMD ...     run CMD in the session (scp, sftp and rsync work too)
+
+  --socket PATH   the broker's socket (default {default}); never taken from the
+                  environment, which is the user's to set
+  -h, --help      show this help and exit (nothing is contacted)
+"""
+
+
+def parse_argv(argv: list[str] | None) -> tuple[str | None, str | None]:
+    """``(socket, error)``; ``(None, None)`` means --help. ``--socket PATH`` / ``--socket=PATH``
+    from the wrapper, else the default socket.
 
     Deliberately not ``$SBROKER_SOCKET``: see the module docstring.
     """
     args = list(argv or [])
-    for i, arg in enumerate(args):
+    path = DEFAULT_SOCKET
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("-h", "--help"):
+            return None, None
         if arg == "--socket" and i + 1 < len(args):
-            return args[i + 1]
+            path, i = args[i + 1], i + 2
+            continue
         if arg.startswith("--socket="):
-            return arg.partition("=")[2]
-    return DEFAULT_SOCKET
+            path, i = arg.partition("=")[2], i + 1
+            continue
+        return path, f"sbroker login: unknown argument {arg[:80]!r} (see sbroker login --help)"
+    if not path.startswith("/"):
+        return path, "sbroker: --socket: must be an absolute path"
+    return path, None
 
 
 def main(argv: list[str] | None = None) -> int:
-    path = socket_from_argv(argv)
-    if not path.startswith("/"):
-        sys.stderr.write("sbroker: --socket: must be an absolute path\n")
+    path, problem = parse_argv(argv)
+    if path is None:
+        sys.stdout.write(USAGE.format(default=DEFAULT_SOCKET))
+        return 0
+    if problem:
+        sys.stderr.write(problem + "\n")
         return 2
     command = os.environ.get("SSH_ORIGINAL_COMMAND")
     project, command = split_project(command, os.environ.get("SBROKER_PROJECT"))

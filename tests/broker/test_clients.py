@@ -57,3 +57,18 @@ def test_login_import_graph_is_lean():
             "print(sorted(heavy & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_login_help_prints_usage_without_contacting_the_broker(tmp_path):
+    import subprocess
+    import sys
+    missing = tmp_path / "no.sock"  # contacting it would fail: help must not try
+    for flag in ("--help", "-h"):
+        res = subprocess.run([sys.executable, "-m", "broker", "login", "--socket", str(missing), flag],
+                             capture_output=True, text=True, timeout=30)
+        assert res.returncode == 0 and res.stderr == ""
+        assert res.stdout.startswith("usage: sbroker login [--socket PATH]\n")
+    res = subprocess.run([sys.executable, "-m", "broker", "login", "--bogus"], capture_output=True, text=True,
+                         timeout=30)
+    assert res.returncode == 2
+    assert res.stderr == "sbroker login: unknown argument '--bogus' (see sbroker login --help)\n"
