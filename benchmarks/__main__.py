@@ -1,6 +1,6 @@
 """``python -m benchmarks [names...]``: run benchmarks against raw SLURM, write the report.
 
-Names: readiness, verify, import, sched, warm, pty, cold, rss (default: all, in that order).
+Names: readiness, verify, import, sched, warm, pty, cold, hostile, rss (default: all, in that order).
 Cluster benchmarks take the test bed lock that pytest's cluster fixture takes, for the
 whole run, and stop the broker they started. ``--quick`` uses small n (a smoke run).
 """
@@ -19,17 +19,19 @@ from pathlib import Path
 
 from .common import Row, TestbedLock, log
 
-ORDER = ["readiness", "verify", "import", "sched", "warm", "pty", "cold", "rss"]
-CLUSTER = {"sched", "warm", "pty", "cold", "rss"}
+ORDER = ["readiness", "verify", "import", "sched", "warm", "pty", "cold", "hostile", "rss"]
+CLUSTER = {"sched", "warm", "pty", "cold", "hostile", "rss"}
 NEEDS_BROKER = {"warm", "pty", "cold"}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # n per benchmark: full run (fits in 15 minutes on 2 cores) and --quick.
 SIZES = {
     "full": dict(readiness=200, verify=5, verify_mb=1024, import_n=20, sched_ns=[1, 10, 50, 200], sched_s=20.0,
-                 warm=30, pty=3, pty_mb=200, keys=200, cold=25, rss=1000, rss_restarts=5),
+                 warm=30, pty=3, pty_mb=200, keys=200, cold=25, hostile_blocks=3, hostile_per=10, rss=1000,
+                 rss_restarts=5),
     "quick": dict(readiness=30, verify=2, verify_mb=128, import_n=5, sched_ns=[1, 10], sched_s=5.0,
-                  warm=3, pty=1, pty_mb=20, keys=30, cold=2, rss=1000, rss_restarts=1),
+                  warm=3, pty=1, pty_mb=20, keys=30, cold=2, hostile_blocks=1, hostile_per=3, rss=1000,
+                  rss_restarts=1),
 }
 
 
@@ -47,7 +49,25 @@ def machine() -> dict[str, str]:
             break
     return {"cpus": str(os.cpu_count()), "cpu": cpu, "kernel": platform.release(),
             "python": platform.python_version(), "slurm": out("sinfo", "--version"),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), **provenance()}
+
+
+def provenance() -> dict[str, str]:
+    """What was measured: the commit, whether the tree differed from it (outside
+    benchmarks/results/), which apptainer ran, and the test bed's shape."""
+    repo = Path(__file__).resolve().parents[1]
+
+    def git(*argv: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *argv], capture_output=True, text=True,
+                              timeout=30).stdout.strip()
+    dirty = [line for line in git("status", "--porcelain").splitlines()
+             if not line[3:].startswith("benchmarks/results/")]
+    from tests import standin
+
+    real = standin.real_apptainer()
+    return {"commit": git("rev-parse", "HEAD") or "unknown", "dirty": "yes" if dirty else "no",
+            "apptainer": f"real ({real})" if real else "stand-in (tests/standin: bubblewrap)",
+            "bed": "login node + 2 compute nodes in their own UTS/mount/PID namespaces (tests/cluster)"}
 
 
 class Recorder:
@@ -112,6 +132,10 @@ def run(names: list[str], size: dict, lock_wait: float, rec: Recorder) -> None:
 
                 d.reset_state()
                 bed.cleanup_bench_files()
+        if "hostile" in names:
+            from . import hostile
+
+            rec("hostile", hostile.hostile, size["hostile_blocks"], size["hostile_per"])
         if "rss" in names:
             from . import rss
 

@@ -21,7 +21,9 @@ from tests.integration import daemon as d
 from .common import log
 
 SOCKET = str(d.SOCKET)
-BENCH_DIR = Path("/var/tmp/sbroker-bench")
+#: Raw jobs write their output where the broker's jobs do: shared storage (the home), as
+#: the user; a login-node-only path would fail at launch on a compute node.
+BENCH_SUBDIR = ".sbroker/bench"
 PATH = f"{tb.BIN}:/usr/local/bin:/usr/bin:/bin"
 SBROKER_ENV_BIN = str(tb.SBROKER_BIN)
 TERM = "xterm"
@@ -110,11 +112,8 @@ class RawJob:
         spec = jobspec.build(cfg, self.user, project, str(image), images.digest(image))
         self.instance = spec.instance
         self.script = spec.script
-        out_dir = BENCH_DIR / user
-        out_dir.mkdir(parents=True, exist_ok=True)
-        os.chown(BENCH_DIR, 0, 0)
-        os.chmod(BENCH_DIR, 0o755)
-        os.chown(out_dir, self.user.uid, self.user.gid)
+        out_dir = Path(self.user.home) / BENCH_SUBDIR
+        as_user(user, "mkdir", "-p", "-m", "0700", "--", str(out_dir))
         self.log_path = out_dir / f"{spec.instance}.log"
         self.argv = [a for a in spec.sbatch_argv if not a.startswith(("--comment=", "--output="))]
         self.argv.insert(1, f"--output={self.log_path}")
@@ -176,10 +175,12 @@ def ssh_env(project: str | None = None) -> dict[str, str]:
 
 
 def local_login_argv(user: str, project: str) -> list[str]:
-    """``sbroker login`` exactly as sshd's ForceCommand runs it, minus ssh itself."""
+    """The ForceCommand exactly as sshd runs it (``<login shell> -c <ForceCommand>``, both the
+    sbroker-login wrapper on the bed), minus ssh itself."""
     return ["runuser", "-u", user, "--", "env", "-i", f"HOME=/home/{user}", f"USER={user}", f"LOGNAME={user}",
-            "PATH=/usr/local/bin:/usr/bin:/bin", f"TERM={TERM}", "LANG=C.UTF-8", f"SBROKER_SOCKET={SOCKET}",
-            f"SLURM_CONF={tb.SLURM_CONF}", f"SBROKER_PROJECT={project}", SBROKER_ENV_BIN, "login"]
+            "PATH=/usr/local/bin:/usr/bin:/bin", f"TERM={TERM}", "LANG=C.UTF-8",
+            f"SLURM_CONF={tb.SLURM_CONF}", f"SBROKER_PROJECT={project}", str(tb.LOGIN_WRAPPER), "-c",
+            tb.FORCE_COMMAND]
 
 
 def local_srun_argv(user: str, argv: list[str]) -> list[str]:
@@ -193,7 +194,8 @@ def ssh_srun_remote(argv: list[str]) -> str:
 
 
 def cleanup_bench_files() -> None:
-    subprocess.run(["rm", "-rf", str(BENCH_DIR)], check=False)
+    for user in (*tb.USERS, tb.ADMIN):
+        as_user(user, "rm", "-rf", "--", str(Path(lookup_name(user).home) / BENCH_SUBDIR), check=False)
 
 
 def sanitize(name: str) -> str:

@@ -22,6 +22,9 @@ from . import log as _log
 INTERVAL = 0.1
 WARN_AFTER = 0.25
 WINDOW = 3000
+#: Upper bounds (seconds) of the cumulative lateness histogram, kept since start so a reader
+#: can difference two scrapes and get the distribution of exactly that interval.
+BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,9 @@ class LoopLag:
         self.samples: collections.deque[float] = collections.deque(maxlen=window)
         self.ticks = 0
         self.late = 0
+        #: Ticks at most BUCKETS[i] late, since start (the last slot: all ticks), and their sum.
+        self.buckets = [0] * (len(BUCKETS) + 1)
+        self.total = 0.0
         self.log = _log.get("sbroker.looplag")
 
     async def run(self) -> None:
@@ -56,6 +62,11 @@ class LoopLag:
         lag = max(0.0, lag)
         self.samples.append(lag)
         self.ticks += 1
+        self.total += lag
+        for i, bound in enumerate(BUCKETS):
+            if lag <= bound:
+                self.buckets[i] += 1
+        self.buckets[-1] += 1
         if lag > self.warn_after:
             self.late += 1
             self.log.warning("event_loop_lag", lag_ms=round(lag * 1000, 1), threshold_ms=round(self.warn_after * 1000))

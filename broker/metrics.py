@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric,
+                                   SummaryMetricFamily)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from . import log as _log
@@ -115,6 +116,13 @@ def _looplag(lag: Any) -> Iterator[Metric]:
                             value=summary.max)
     yield CounterMetricFamily("sbroker_event_loop_late_ticks", "Timer ticks more than 250 ms late (each logged)",
                               value=summary.late)
+    from .looplag import BUCKETS
+
+    hist = HistogramMetricFamily("sbroker_event_loop_tick_lateness", "Lateness of every 100 ms timer tick since start "
+                                 "(difference two scrapes for an interval's distribution)", unit="seconds")
+    hist.add_metric([], [*((f"{b:g}", lag.buckets[i]) for i, b in enumerate(BUCKETS)), ("+Inf", lag.buckets[-1])],
+                    sum_value=lag.total)
+    yield hist
 
 
 class Metrics:
