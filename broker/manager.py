@@ -362,11 +362,11 @@ class Manager:
     # ---------------------------------------------------------------- kill
 
     async def kill(self, session: Session, *, by: str, by_uid: int, reason: str) -> None:
+        if session.state in TERMINAL:
+            return  # nothing to do, nothing to audit (a user must not grow the audit log for free)
         why = f"killed by {by}" + (f": {reason}" if reason else "")
         self.audit.record("kill", user=session.user, project=session.project, session=session.id,
                           job_id=session.job_id, by=by, peer_uid=by_uid, reason=reason)
-        if session.state in TERMINAL:
-            return
         if not session.job_id:
             self._fail(session, why)
             return

@@ -119,6 +119,7 @@ MUNGED = Daemon("munged", C.RUN / "munged.pid", Path("/var/log/munge/munged.log"
 SLURMCTLD = Daemon("slurmctld", C.RUN / "slurmctld.pid", C.LOG / "slurmctld.log")
 SSHD = Daemon("sshd", C.RUN / "sshd.pid", C.SSHD_LOG)
 DAEMONS = (MUNGED, SLURMCTLD, SSHD)
+LEGACY_SLURMD = Daemon("slurmd", C.RUN / "slurmd.pid", C.LOG / "slurmd.log")
 NODE_INIT = Path(__file__).with_name("node-init.sh")
 CGROUP_CONF = C.ETC / "cgroup.conf"
 
@@ -657,7 +658,7 @@ def stop_node(n: Node) -> None:
 
 
 def ensure_slurm(conf_changed: bool) -> None:
-    if conf_changed and (SLURMCTLD.pid() or any(n.init_pid() for n in NODES)):
+    if conf_changed and (SLURMCTLD.pid() or LEGACY_SLURMD.pid() or any(n.init_pid() for n in NODES)):
         log("slurm.conf changed: restarting slurmctld and the nodes")
         stop_slurm(cancel_jobs=False)
     env = C.slurm_env()
@@ -824,6 +825,10 @@ def stop_slurm(*, cancel_jobs: bool = True) -> None:
         cancel_all_jobs()
     for n in NODES:
         stop_node(n)
+    legacy = LEGACY_SLURMD.pid()   # the one-host bed's slurmd, from a checkout before the nodes
+    if legacy is not None:
+        terminate([legacy], "slurmd (one-host bed)")
+    LEGACY_SLURMD.pidfile.unlink(missing_ok=True)
     pid = SLURMCTLD.pid()
     if pid is not None:
         terminate([pid], SLURMCTLD.name)
