@@ -13,7 +13,6 @@ import asyncssh
 import pexpect
 import pytest
 
-from broker.container.apptainer._builders import CONTAINER_HOSTNAME
 from tests.cluster import config as tb
 from tests.integration.conftest import jobs_of
 
@@ -74,13 +73,18 @@ def login(broker):
         item.close()
 
 
+def job_node(job_id: str) -> str:
+    return subprocess.run(["squeue", "--noheader", "-j", job_id, "-o", "%N"], capture_output=True, text=True,
+                          env=tb.slurm_env(), timeout=30).stdout.strip()
+
+
 # ------------------------------------------------------------------------------ pexpect
 
 def test_prompt_is_inside_the_container(login):
     s = login()
     fields = s.run('printf "%s|%s|%s|%s\\n" "$(hostname)" "$SLURM_JOB_ID" "$(id -un)" "$PWD"').decode()
     host, job, user, cwd = fields.strip().split("|")
-    assert host == CONTAINER_HOSTNAME
+    assert host in tb.NODES and host == job_node(job)  # the compute node's own name, not the login node's
     assert [j["job_id"] for j in jobs_of(ALICE, states="RUNNING")] == [job]
     assert user == ALICE
     assert cwd == "/home/sbalice/proj/default"
@@ -239,7 +243,8 @@ async def _asyncssh_session() -> None:
         proc.stdin.write(b"echo H=$(hostname) U=$(id -un) J=$SLURM_JOB_ID D=$PWD E''ND\r")
         out = await until(b" END\r\n")
         line = out[out.rindex(b"H="):].split(b"\r\n")[0].decode()
-        assert f"H={CONTAINER_HOSTNAME} U={ALICE}" in line and "D=/home/sbalice/proj/default" in line
+        host = line.split()[0][2:]
+        assert host in tb.NODES and f"U={ALICE}" in line.split() and "D=/home/sbalice/proj/default" in line.split()
         assert [j["job_id"] for j in jobs_of(ALICE, states="RUNNING")] == [line.split("J=")[1].split()[0]]
         await until(b"ASYNC> ")
         proc.change_terminal_size(123, 41)

@@ -99,16 +99,19 @@ def squeue(*args: str) -> str:
 
 
 def active_tagged_jobs() -> list[dict[str, str]]:
-    """Every broker-tagged job of the test users that SLURM has in an active state."""
-    out = squeue("--states=PENDING,RUNNING,CONFIGURING,SUSPENDED,REQUEUED", "-u", ",".join(tb.USERS),
-                 "-o", "%i|%T|%u|%k")
+    """Every broker-tagged job of the test users that SLURM has in an active state (read from
+    ``squeue --json``: comments are users' text, a text format could be forged)."""
+    active = {"PENDING", "RUNNING", "CONFIGURING", "SUSPENDED", "REQUEUED"}
+    data = json.loads(subprocess.run([REAL["squeue"], "--json"], capture_output=True, text=True,
+                                     env=tb.slurm_env(), timeout=30).stdout)
     jobs = []
-    for line in out.splitlines():
-        job_id, state, user, comment = (x.strip() for x in line.split("|", 3))
-        if not comment.startswith("sbroker/v1"):
+    for job in sorted(data["jobs"], key=lambda j: j["job_id"]):
+        comment = job["comment"] or ""
+        if job["user_name"] not in tb.USERS or job["job_state"] not in active \
+                or not comment.startswith("sbroker/v1"):
             continue
         tags = dict(w.split("=", 1) for w in comment.split()[1:] if "=" in w)
-        jobs.append({"job_id": job_id, "state": state, "user": user, **tags})
+        jobs.append({"job_id": str(job["job_id"]), "state": job["job_state"], "user": job["user_name"], **tags})
     return jobs
 
 

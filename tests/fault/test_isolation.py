@@ -97,7 +97,9 @@ def test_job_files_are_not_writable_by_other_users(two):
     script, log = shown["script_path"], shown["log_path"]
     st_script, st_log = os.stat(script), os.stat(log)
     assert st_script.st_uid == 0 and stat.S_IMODE(st_script.st_mode) == 0o600
-    assert st_log.st_uid == tb_uid(ALICE) and stat.S_IMODE(st_log.st_mode) & 0o077 == 0
+    st_jobs = os.stat(os.path.dirname(log))   # slurm.job_dir: alice's, private
+    assert st_log.st_uid == tb_uid(ALICE) and st_jobs.st_uid == tb_uid(ALICE)
+    assert stat.S_IMODE(st_jobs.st_mode) & 0o077 == 0
     for user, path in ((BOB, script), (BOB, log), (ALICE, script), (tb.ADMIN, log)):
         wrote = subprocess.run(["runuser", "-u", user, "--", "sh", "-c", 'printf x >> "$1"', "sh", path],
                                capture_output=True)

@@ -21,10 +21,10 @@ kind, payload = c.recv_frame()
 while kind != p.KIND_JSON:
     kind, payload = c.recv_frame()
 print(json.dumps(p.decode_json(payload)), flush=True)
-if sys.argv[3]:
-    c.send_data(sys.argv[3].encode())
-c.send({"type": "detach"})
-try:
+try:  # after an error reply (a refusal) the broker has closed the connection already
+    if sys.argv[3]:
+        c.send_data(sys.argv[3].encode())
+    c.send({"type": "detach"})
     while c.sock.recv(65536):
         pass
 except OSError:

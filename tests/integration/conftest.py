@@ -42,13 +42,17 @@ def sbroker_json(user: str, *args: str) -> object:
 
 
 def jobs_of(user: str, states: str = "PENDING,RUNNING,CONFIGURING,COMPLETING") -> list[dict[str, str]]:
-    """What SLURM itself says the user has (not what the broker says)."""
-    out = subprocess.run(["squeue", "--noheader", f"--states={states}", "-u", user, "-o", "%i|%T|%k"],
-                         capture_output=True, text=True, env=tb.slurm_env(), check=True).stdout
+    """What SLURM itself says the user has (not what the broker says), from ``squeue --json``:
+    job names and comments are users' text (hostile tests put line boundaries in them), so a
+    text format could be forged. ``states``: a comma list, or ``all``."""
+    out = subprocess.run(["squeue", "--json"], capture_output=True, text=True, env=tb.slurm_env(),
+                         check=True).stdout
+    wanted = None if states == "all" else set(states.split(","))
     jobs = []
-    for line in out.splitlines():
-        job_id, state, comment = line.split("|", 2)
-        jobs.append({"job_id": job_id.strip(), "state": state.strip(), "comment": comment.strip()})
+    for job in sorted(json.loads(out)["jobs"], key=lambda j: j["job_id"]):
+        if job["user_name"] != user or (wanted is not None and job["job_state"] not in wanted):
+            continue
+        jobs.append({"job_id": str(job["job_id"]), "state": job["job_state"], "comment": job["comment"] or ""})
     return jobs
 
 
