@@ -13,14 +13,13 @@
 
 from __future__ import annotations
 
-import subprocess
 import time
 
 import pytest
 
 from tests.cluster import config as tb
 from tests.cluster import harness
-from tests.integration.conftest import ensure_as
+from tests.integration.conftest import ensure_as, wait_node
 
 from .conftest import (ALICE, BOB, BrokerProcess, active_tagged_jobs, instances_of, scontrol, store_rows,
                        wait_for)
@@ -152,7 +151,7 @@ def test_node_failure_ends_its_sessions_and_next_login_lands_on_the_other_node(f
     proc.start()
     try:
         first = ensure_as(ALICE, "nf1")["session"]
-        node = wait_for(lambda: store_rows()[first["id"]]["node"], 5, what="the session's node")
+        node = wait_node(ALICE, first["id"])
         other = next(n for n in tb.NODES if n != node)
         killed_at = time.monotonic()
         harness.kill_node(harness.node(node))
@@ -165,7 +164,7 @@ def test_node_failure_ends_its_sessions_and_next_login_lands_on_the_other_node(f
         second = ensure_as(ALICE, "nf1")
         assert second["type"] == "result", second
         assert second["session"]["id"] != first["id"]
-        assert wait_for(lambda: store_rows()[second["session"]["id"]]["node"], 5, what="the new node") == other
+        assert wait_node(ALICE, second["session"]["id"]) == other
         res = ssh(ALICE, "@nf1", "hostname")
         assert res.returncode == 0 and res.stdout.strip() == other, res
     finally:

@@ -12,6 +12,7 @@ import pytest
 
 from broker.client import BrokerError, Client
 from tests.cluster import config as tb
+from tests.cluster import harness
 from tests.waiting import wait_for
 
 from .conftest import ALICE, BOB, ensure_as, jobs_of, sbroker, sbroker_json, tagged_jobs, wait_node
@@ -37,13 +38,14 @@ def test_ensure_creates_one_job_and_reuses_it(broker):
     assert session["job_id"].isdigit()
     # The node comes from the poller's next squeue (woken by readiness), not from an extra
     # SLURM call while the user waits for a prompt.
-    assert wait_node(ALICE, session["id"]) in tb.NODES
+    node = wait_node(ALICE, session["id"])
+    assert node in tb.NODES
     assert session["instance"].startswith(f"sb-{ALICE}-alpha-")
     jobs = jobs_of(ALICE)
     assert [j["job_id"] for j in jobs] == [session["job_id"]]
     assert f"instance={session['instance']}" in jobs[0]["comment"]
-    # The instance really runs, as alice, under the exact name the broker chose.
-    listed = subprocess.run(tb.as_user(ALICE, f"{tb.BIN}/apptainer", "instance", "list", "--json"),
+    # The instance really runs on that node, as alice, under the exact name the broker chose.
+    listed = subprocess.run(harness.on_node(node, f"{tb.BIN}/apptainer", "instance", "list", "--json", user=ALICE),
                             capture_output=True, text=True, check=True, cwd="/").stdout
     assert f'"instance": "{session["instance"]}"' in listed
     first_calls = slurm_calls_since(first_mark)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -95,7 +94,8 @@ def attach(user: str, session_id: str) -> pexpect.spawn:
 
 
 def instances_of(user: str) -> list[str]:
-    """What apptainer (or the stand-in) itself lists for ``user`` (not what the broker says)."""
-    out = subprocess.run(tb.as_user(user, f"{tb.BIN}/apptainer", "instance", "list", "--json"),
-                         capture_output=True, text=True, check=True, cwd="/").stdout
-    return [i["instance"] for i in json.loads(out or '{"instances": []}')["instances"]]
+    """What apptainer (or the stand-in) itself lists for ``user`` on every compute node (not what
+    the broker says; each node's list is its own)."""
+    from tests.fault.conftest import instances_of as on_nodes
+
+    return sorted(on_nodes(user))
