@@ -115,8 +115,11 @@ class RawJob:
         out_dir = Path(self.user.home) / BENCH_SUBDIR
         as_user(user, "mkdir", "-p", "-m", "0700", "--", str(out_dir))
         self.log_path = out_dir / f"{spec.instance}.log"
-        self.argv = [a for a in spec.sbatch_argv if not a.startswith(("--comment=", "--output="))]
-        self.argv.insert(1, f"--output={self.log_path}")
+        # What a user without sbroker submits: the same script and resources, no broker tag and
+        # no cross-login-node singleton (that is sbroker's own cost), named after the instance.
+        self.argv = [a for a in spec.sbatch_argv
+                     if not a.startswith(("--comment=", "--output=", "--dependency=", "--job-name="))]
+        self.argv[1:1] = [f"--output={self.log_path}", f"--job-name={spec.instance}"]
         self.project_dir = spec.host_project_dir
         self.job_id = ""
 

@@ -124,7 +124,7 @@ class AttachHub:
     # ------------------------------------------------------------------ attach
 
     async def op_attach(self, conn: Connection, message: dict[str, Any]) -> None:
-        session = self.manager.resolve(self.server.ref_of(message), conn.user, conn.admin)
+        session = await self.manager.find(self.server.ref_of(message), conn.user, conn.admin)
         mode = p.get_str(message, "mode", default="write", max_len=16)
         if mode not in ("write", "observe"):
             raise p.ProtocolError("mode", "must be write or observe")

@@ -58,6 +58,12 @@ def instance_name(user: str, project: str, token: str | None = None) -> str:
     return v.validate_instance_name(f"{readable}-{token}")
 
 
+def singleton_name(project: str) -> str:
+    """The job name of every session job of a project: SLURM's ``--dependency=singleton`` is per
+    (user, name), so the name holds the project and the owner is SLURM's own."""
+    return f"sbroker-session-{v.validate_slug(project)}"
+
+
 def jobs_dir(config: Config, user: str) -> Path:
     """The broker's own (root-only, login-node) record of submitted scripts."""
     return config.state_dir / "jobs" / v.validate_username(user)
@@ -104,7 +110,11 @@ def build(config: Config, user: User, project: str, image: str, image_digest: st
     # (root-only), so there is no window in which anyone could swap it.
     # --no-requeue: after a node failure SLURM would requeue the job (same id, PENDING) and
     # later rerun the script behind the broker's back; the instance is gone, so it ends.
+    # One allocation per (user, project) across login nodes, converged through SLURM itself: a
+    # later job of the same name and user stays PENDING (Dependency) while an earlier one is
+    # live, whichever login node's broker submitted it (see broker.manager, "Several login nodes").
     extra = [f"--comment={comment}", f"--chdir={user.home}", "--open-mode=append", "--export=ALL",
-             "--no-requeue"]
-    sbatch_argv = [*argv[:-1], *extra]
+             "--no-requeue", "--dependency=singleton"]
+    sbatch_argv = [f"--job-name={singleton_name(project)}" if a.startswith("--job-name=") else a
+                   for a in argv[:-1]] + extra
     return JobSpec(instance, script, script_path, log, sbatch_argv, host_user_dir, host_project_dir, shared)

@@ -55,6 +55,11 @@ FAST_POLL = 0.5
 #: Least time between two polls however often the poller is woken: in a login storm every
 #: sbatch, readiness and kill wakes it, and those wakes must share one squeue.
 MIN_POLL_GAP = 0.25
+#: How often the poller looks for tagged jobs it does not track (another login node's
+#: sessions), so ``ls``/``show`` here list them; a lookup that misses looks at once.
+DISCOVER_INTERVAL = 30.0
+#: A whole-cluster ``squeue --json`` answer is shared by callers for this long.
+SCAN_MAX_AGE = 1.0
 #: An ``ending`` session whose job SLURM still reports active gets ``scancel`` again after
 #: this long (the first one failed, or the broker died between ``ending`` and ``scancel``).
 CANCEL_RETRY = 5.0
@@ -84,6 +89,12 @@ class Manager:
         self._listeners: dict[str, set[Callable[[dict[str, Any]], None]]] = defaultdict(set)
         self._absent_since: dict[str, float] = {}
         self._cancel_sent: dict[str, float] = {}
+        #: Sessions whose job waits on another of the same key (Dependency) or ended before
+        #: ready: the next poll looks for the key's winning job before anything else.
+        self._converge: dict[str, str] = {}
+        self._scan: tuple[float, dict[str, JobInfo]] | None = None
+        self._scan_task: asyncio.Task[dict[str, JobInfo]] | None = None
+        self._last_discover = time.monotonic()  # start() scans; the poller looks again later
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.controller_ok = True
@@ -123,6 +134,7 @@ class Manager:
             # Forget it in memory (months of sessions must not pile up here); the store keeps it.
             self._cancel_sent.pop(session.job_id, None)
             self._absent_since.pop(session.job_id, None)
+            self._converge.pop(session.id, None)
             self.sessions.pop(session.id, None)
             self.finished[new.value] += 1
             if self.by_key.get(session.key) is session:
@@ -200,7 +212,7 @@ class Manager:
         return task
 
     async def _bring_up(self, session: Session, user: User) -> Session:
-        if session.state == State.REQUESTED:
+        if session.state == State.REQUESTED and not await self._join_existing(session, user):
             await self._submit(session, user)
         await self._await_ready(session, user)
         return session
@@ -247,6 +259,128 @@ class Manager:
                           digest=session.image_digest)
         self._wake.set()
 
+    # ------------------------------------------------------- several login nodes, one truth
+
+    async def scan(self, max_age: float = SCAN_MAX_AGE) -> dict[str, JobInfo]:
+        """Every job SLURM knows (``squeue --json``: unforgeable), shared by concurrent callers
+        and reused for ``max_age`` seconds. Raises :class:`SlurmError` or ``ValueError``."""
+        if self._scan is not None and time.monotonic() - self._scan[0] <= max_age:
+            return self._scan[1]
+        if self._scan_task is None or self._scan_task.done():
+            async def run() -> dict[str, JobInfo]:
+                result = await self.runner.run(commands.squeue_all())
+                jobs = parse_squeue_json(result.stdout)
+                self._scan = (time.monotonic(), jobs)
+                return jobs
+            self._scan_task = asyncio.ensure_future(run())
+        return await asyncio.shield(self._scan_task)
+
+    def winner(self, jobs: dict[str, JobInfo], uid: int, project: str) -> tuple[JobInfo, dict[str, str]] | None:
+        """The key's one true job, the same on every login node: the oldest (lowest id) active
+        job tagged for (``uid``, ``project``) whose SLURM owner is ``uid``."""
+        best = None
+        for info in jobs.values():
+            found = self.tagged(info)
+            if found is None or info.uid != uid or found[1].get("project") != project:
+                continue
+            if best is None or int(info.job_id) < int(best[0].job_id):
+                best = (info, found[1])
+        return best
+
+    async def _join_existing(self, session: Session, user: User) -> bool:
+        """Before submitting: if SLURM already runs this key's job (another login node made it,
+        or this broker lost it), join that one instead. A failed scan is no evidence: submit;
+        ``--dependency=singleton`` and :meth:`_converge_all` still converge on one job."""
+        try:
+            jobs = await self.scan()
+        except (SlurmError, ValueError) as exc:
+            self.log.warning("scan_failed", session=session.id, reason=getattr(exc, "reason", None) or str(exc))
+            return False
+        found = self.winner(jobs, user.uid, session.project)
+        if found is None or session.state != State.REQUESTED:
+            return False
+        info, tags = found
+        self._point_at(session, user, info, tags)
+        session.submitted_at = time.time()
+        self.transition(session, State.SUBMITTED, f"joined job {info.job_id} (already running for this project)")
+        self.audit.record("session_joined", user=session.user, project=session.project, session=session.id,
+                          job_id=info.job_id, instance=session.instance)
+        self.apply(session, info, time.time())
+        self._wake.set()
+        return True
+
+    def _point_at(self, session: Session, user: User, info: JobInfo, tags: dict[str, str]) -> None:
+        """Make ``session`` track job ``info`` (its instance, log and digest from its tags)."""
+        self._absent_since.pop(session.job_id, None)
+        self._cancel_sent.pop(session.job_id, None)
+        session.job_id = info.job_id
+        session.instance = jobspec.v.validate_instance_name(tags.get("instance", ""))
+        session.log_path = str(jobspec.log_path(self.config, user, session.instance))
+        session.script_path = str(jobspec.jobs_dir(self.config, user.name) / f"{session.instance}.sh")
+        session.image_digest = tags.get("digest", "")
+        session.node = info.nodes if info.nodes not in ("", "(null)") else ""
+        self.store.save(session)
+
+    async def _converge_all(self) -> None:
+        """Sessions whose job waits behind another of its key, or ended before ready: move each
+        to the key's winning job (cancelling its own, as the user) or, with none, fail it."""
+        waiting = {sid: why for sid, why in self._converge.items() if sid in self.sessions}
+        self._converge.clear()
+        if not waiting:
+            return
+        try:
+            jobs = await self.scan(max_age=0.0)
+        except (SlurmError, ValueError) as exc:
+            self.log.warning("scan_failed", reason=getattr(exc, "reason", None) or str(exc))
+            self._converge.update({sid: why for sid, why in waiting.items() if why})
+            return
+        now = time.time()
+        for sid, why in waiting.items():
+            session = self.sessions.get(sid)
+            if session is None or not session.live or session.state in (State.READY, State.ENDING):
+                continue
+            user = self._owner(session)
+            found = self.winner(jobs, session.uid, session.project) if user else None
+            if found is None or found[0].job_id == session.job_id:
+                if why:
+                    self._fail(session, why)
+                continue
+            info, tags = found
+            loser = session.job_id
+            if why == "" and loser:   # its own job is still live, behind the winner: cancel it
+                await self._scancel(session)
+            self._point_at(session, user, info, tags)
+            self.log.info("session_moved", session=session.id, user=session.user, project=session.project,
+                          frm=loser, to=info.job_id)
+            self.audit.record("session_joined", user=session.user, project=session.project, session=session.id,
+                              job_id=info.job_id, instance=session.instance, left=loser)
+            self._notify(session, {"type": "progress", "state": session.state.value,
+                                   "reason": f"joined job {info.job_id} (another login node started it first)"})
+            self.apply(session, info, now)
+
+    async def discover(self, max_age: float = 2.0) -> int:
+        """Track the tagged jobs of other login nodes' sessions (for ``ls``/``show`` here);
+        returns how many were adopted. Each stays the session it is: nothing is cancelled
+        unless two live jobs hold one key (then the newer one goes, whoever sees it)."""
+        try:
+            jobs = await self.scan(max_age=max_age)
+        except (SlurmError, ValueError) as exc:
+            self.log.warning("discover_failed", reason=getattr(exc, "reason", None) or str(exc))
+            return 0
+        self._last_discover = time.monotonic()
+        known = {s.job_id for s in self.sessions.values() if s.job_id}
+        adopted = 0
+        now = time.time()
+        for info in sorted(jobs.values(), key=lambda j: int(j.job_id)):
+            if info.job_id in known:
+                continue
+            found = self.tagged(info)
+            if found is None:
+                continue
+            self._adopt(info, found[1], now)
+            adopted += 1
+        return adopted
+
     async def _ensure_job_dir(self, directory: Path, user: User) -> None:
         """Make ``slurm.job_dir`` exist and be writable, as the user; say why when it cannot.
 
@@ -278,6 +412,8 @@ class Manager:
         reader = _MarkerReader(user, session.log_path) if session.log_path else None
         probed = False
         while True:
+            if session.log_path and (reader is None or reader.path != session.log_path):
+                reader, probed = _MarkerReader(user, session.log_path), False  # moved to the winning job
             if session.state == State.READY:
                 return
             if session.state in TERMINAL:
@@ -343,6 +479,16 @@ class Manager:
         await self._scancel(session)
         self._fail(session, reason)
 
+    async def _cancel_job(self, job_id: str, owner: User) -> None:
+        """``scancel`` a job that no session tracks any more, as its owner."""
+        self._cancel_sent[job_id] = time.time()
+        try:
+            await self.runner.run(commands.scancel(job_id), user=owner)
+        except NotFound:
+            pass
+        except SlurmError as exc:
+            self.log.error("scancel_failed", job_id=job_id, error=exc.reason)
+
     async def _scancel(self, session: Session) -> None:
         if not session.job_id:
             return
@@ -394,6 +540,9 @@ class Manager:
             self._wake.clear()
             last = time.monotonic()
             await self.poll_once()
+            await self._converge_all()
+            if time.monotonic() - self._last_discover > DISCOVER_INTERVAL:
+                await self.discover()
 
     async def poll_once(self) -> None:
         tracked = [s for s in self.sessions.values() if s.live and s.job_id]
@@ -460,6 +609,8 @@ class Manager:
         if state == "PENDING":
             changed = (info.reason, info.start_time) != (session.pending_reason, session.expected_start)
             session.pending_reason, session.expected_start = info.reason, info.start_time
+            if info.reason == "Dependency" and session.state in (State.SUBMITTED, State.PENDING):
+                self._converge.setdefault(session.id, "")  # another job of this key is live
             if session.state == State.SUBMITTED:
                 self.transition(session, State.PENDING, _pending_text(info))
             elif session.state in (State.STARTING, State.READY):
@@ -486,6 +637,12 @@ class Manager:
                     detail = (f"{what} before the instance was ready: probably slurm.job_dir"
                               f" ({Path(session.log_path).parent}) is missing or not writable on"
                               f" {info.nodes or 'the job node'} (SLURM could not open the job's output there)")
+                if state in ("CANCELLED", "COMPLETED", "FAILED") and session.id not in self._converge \
+                        and not detail:
+                    # Perhaps cancelled as the loser of a race between login nodes: the next
+                    # converge step moves it to the winner, or fails it with this reason.
+                    self._converge[session.id] = f"{what} before the instance was ready"
+                    return
                 self._fail(session, detail or f"{what} before the instance was ready")
 
     # ---------------------------------------------------------------- start-up
@@ -582,6 +739,18 @@ class Manager:
             self.log.warning("adopt_refused", job_id=info.job_id, reason=str(exc))
             return
         existing = self.by_key.get((user.name, project))
+        if existing is not None and existing.live and existing.job_id and int(info.job_id) < int(existing.job_id):
+            # The adopted job is the older one: the key's job on every login node. The session
+            # moves to it; its own, newer job is cancelled (as the user).
+            old = existing.job_id
+            self._point_at(existing, user, info, tags)
+            self.log.warning("duplicate_allocation", user=user.name, project=project, kept=info.job_id,
+                             cancelled=old)
+            self._spawn(self._cancel_job(old, user))
+            self.apply(existing, info, now)
+            return
+        if existing is not None and existing.live and not existing.job_id:
+            return  # being brought up here right now: it joins that job or converges on it itself
         session = Session(user=user.name, uid=user.uid, project=project, instance=tags["instance"],
                           job_id=info.job_id, submitted_at=now)
         session.log_path = str(jobspec.log_path(self.config, user, session.instance))
@@ -621,6 +790,25 @@ class Manager:
     def visible(self, user: User, admin: bool) -> list[Session]:
         live = [s for s in self.sessions.values() if s.live]
         return sorted((s for s in live if admin or s.user == user.name), key=lambda s: (s.user, s.project))
+
+    async def find(self, ref: str, user: User, admin: bool) -> Session:
+        """:meth:`resolve`, and on a miss look once for sessions other login nodes started."""
+        try:
+            return self.resolve(ref, user, admin)
+        except SessionError as exc:
+            if exc.code != "not_found" or not await self.discover():
+                raise
+        return self.resolve(ref, user, admin)
+
+    async def job_has_steps(self, session: Session) -> bool | None:
+        """Whether the session's job runs an ``srun`` step (a shell or command attached from any
+        login node): activity this broker cannot see otherwise. None when SLURM does not say."""
+        try:
+            result = await self.runner.run(commands.squeue_steps(session.job_id))
+        except (SlurmError, ValueError):
+            return None
+        steps = [line.strip() for line in result.stdout.split("\n") if line.strip()]
+        return any(s.partition(".")[2].isdigit() for s in steps if s.partition(".")[0] == session.job_id)
 
     def resolve(self, ref: str, user: User, admin: bool) -> Session:
         """Find a session by id, ``user/project`` or (own) ``project``; hide others' sessions."""

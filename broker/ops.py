@@ -139,6 +139,18 @@ class Operations:
         idle = now - last
         if idle < limit:
             return
+        steps = await self.manager.job_has_steps(session)
+        if steps is None:
+            return  # SLURM did not answer: no evidence either way, end nothing
+        if steps:
+            # A shell or command runs in the job, attached through some login node (perhaps
+            # another one's broker): that is activity this broker does not see by itself.
+            self._seen_attached[session.id] = now
+            self.log.info("idle_deferred", session=session.id, user=session.user, job_id=session.job_id,
+                          why="an srun step runs in the job (attached through some login node)")
+            if warned is not None:
+                self._clear_idle(session, "attached elsewhere")
+            return
         grace = self.config.idle_grace
         if warned is None:
             self._idle_warned[session.id] = warned = now

@@ -250,17 +250,18 @@ class Server:
             await self.handlers["attach"](conn, {**attach, "session": session.id})
 
     async def op_list(self, conn: Connection, message: dict[str, Any]) -> None:
+        await self.manager.discover()  # sessions other login nodes started (one shared scan)
         sessions = self.manager.visible(conn.user, conn.admin)
         await conn.send({"type": "result", "sessions": [self.describe(s, conn) for s in sessions]})
 
     async def op_show(self, conn: Connection, message: dict[str, Any]) -> None:
-        session = self.manager.resolve(self.ref_of(message), conn.user, conn.admin)
+        session = await self.manager.find(self.ref_of(message), conn.user, conn.admin)
         data = self.describe(session, conn, full=True)
         data["log_tail"] = (await self.read_log(session, -1, 4096))[0].decode(errors="replace")
         await conn.send({"type": "result", "session": data})
 
     async def op_kill(self, conn: Connection, message: dict[str, Any]) -> None:
-        session = self.manager.resolve(self.ref_of(message), conn.user, conn.admin)
+        session = await self.manager.find(self.ref_of(message), conn.user, conn.admin)
         reason = p.get_str(message, "reason", default="", max_len=200) or ""
         if session.state in TERMINAL:
             # Nothing to end. Audited once per caller and session an hour: repeating it
@@ -273,7 +274,7 @@ class Server:
         await conn.send({"type": "result", "session": self.describe(session, conn)})
 
     async def op_logs(self, conn: Connection, message: dict[str, Any]) -> None:
-        session = self.manager.resolve(self.ref_of(message), conn.user, conn.admin)
+        session = await self.manager.find(self.ref_of(message), conn.user, conn.admin)
         offset = p.get_int(message, "offset", default=-1, low=-1, high=1 << 40)
         data, end = await self.read_log(session, offset, LOG_TAIL_MAX)
         await conn.send({"type": "result", "data": data.decode(errors="replace"), "offset": end,

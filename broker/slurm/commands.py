@@ -28,6 +28,13 @@ def squeue_all() -> list[str]:
     return ["squeue", "--json"]
 
 
+def squeue_steps(job_id: str) -> list[str]:
+    """The steps of one job, ids only (``J.batch``, ``J.extern``, ``J.0``...): no user text."""
+    if not (job_id.isdigit() and job_id.isascii()):
+        raise ValueError(f"job_id: must be digits (got {job_id!r})")
+    return ["squeue", "--noheader", "--steps", f"--jobs={job_id}", "--format=%i"]
+
+
 def scancel(job_id: str, *, signal: str | None = None) -> list[str]:
     if not job_id.isdigit():
         raise ValueError(f"job_id: must be digits (got {job_id!r})")

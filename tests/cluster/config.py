@@ -43,6 +43,13 @@ NODES = {"node1": ("127.0.0.2", 16821), "node2": ("127.0.0.3", 16822)}
 #: nodes' private /run): munged's socket.
 NODE_SHARED_DIRS = ("/run/munge",)
 
+# --- a second login node: its own UTS + mount namespace (tests/cluster/login-init.sh) ---------
+#: Its sshd listens on LOGIN2_SSH_PORT; inside it, the broker's socket and state dirs are
+#: private tmpfs, so its broker is a second broker at the same paths, as on a real cluster.
+LOGIN2 = "login2"
+LOGIN2_SSH_PORT = 2823
+LOGIN2_PRIVATE_DIRS = ("/run/sbroker-test", "/var/lib/sbroker-test")
+
 # --- users ------------------------------------------------------------------------------
 USER_GROUP = "sbroker-users"
 ADMIN_GROUP = "sbroker-admins"
@@ -91,9 +98,11 @@ def slurm_env(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def ssh_command(user: str, *remote: str, tty: bool = False) -> list[str]:
-    """argv for ``ssh`` as USER to the loopback sshd (root's client key)."""
-    return ["ssh", *(["-tt"] if tty else []), *SSH_OPTS, f"{user}@{SSH_HOST}", *remote]
+def ssh_command(user: str, *remote: str, tty: bool = False, port: int = SSH_PORT) -> list[str]:
+    """argv for ``ssh`` as USER to the loopback sshd (root's client key); ``port=LOGIN2_SSH_PORT``
+    reaches the second login node."""
+    opts = [f"Port={port}" if o == f"Port={SSH_PORT}" else o for o in SSH_OPTS]  # ssh takes the first -o
+    return ["ssh", *(["-tt"] if tty else []), *opts, f"{user}@{SSH_HOST}", *remote]
 
 
 def as_user(user: str, *argv: str) -> list[str]:

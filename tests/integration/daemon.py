@@ -111,7 +111,9 @@ def reset_state() -> None:
     """Fresh state dir and no leftover jobs: each test module starts from nothing."""
     cancel_all_test_jobs()
     wait_no_jobs()
-    subprocess.run(["rm", "-rf", str(STATE_DIR)], check=True)
+    # Empty it, never remove it: it is the mount point of the second login node's private
+    # state dir, and removing a mount point detaches the mounts on it in every namespace.
+    subprocess.run(["sh", "-c", 'rm -rf -- "$1"/* "$1"/.[!.]*', "-", str(STATE_DIR)], check=True)
 
 
 def client_as(user: str) -> list[str]:

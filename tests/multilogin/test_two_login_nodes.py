@@ -1,0 +1,136 @@
+"""Several login nodes, two brokers, one truth (issue "Several login nodes").
+
+login1 (the machine) and login2 (the bed's second login node: own hostname, own mount
+namespace, so its broker's state dir and socket really differ, own sshd) each run a broker.
+They share only what login nodes share: homes, SLURM, the users. They converge through
+SLURM itself (a deterministic job name with ``--dependency=singleton``, and the oldest live
+tagged job of the key wins on every node), never through a shared lock file.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+
+import pexpect
+import pytest
+
+from tests.cluster import config as tb
+from tests.integration.conftest import ensure_as, jobs_of, sbroker, sbroker_json
+from tests.integration.daemon import LOG_PATH, BrokerProcess, reset_state
+from tests.waiting import wait_for
+
+from .daemons import LOG2, Login2Broker, reset_login2_state, sbatch_calls, sbroker2
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+ALICE, BOB = tb.USERS
+LOGINS = 50
+
+
+def ssh(user: str, *remote: str, port: int = tb.SSH_PORT, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(tb.ssh_command(user, *remote, port=port), capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def slurm_jobs(user: str, project: str) -> list[dict]:
+    """Every job SLURM has for the key (``squeue --json``), in any state, oldest first."""
+    out = subprocess.run(["squeue", "--json"], capture_output=True, text=True, env=tb.slurm_env(),
+                         check=True).stdout
+    return sorted((j for j in json.loads(out)["jobs"] if j["user_name"] == user
+                   and j["name"] == f"sbroker-session-{project}"), key=lambda j: j["job_id"])
+
+
+@pytest.fixture
+def two_brokers(cluster):
+    reset_state()
+    reset_login2_state()
+    one = BrokerProcess(timeouts_idle=4, timeouts_idle_grace=2)
+    two = Login2Broker()
+    one.start()
+    two.start()
+    yield one, two
+    two.stop()
+    one.stop()
+    reset_login2_state()
+    reset_state()
+
+
+def test_a_session_made_through_login1_is_listed_attached_and_killed_through_login2(two_brokers):
+    made = ensure_as(ALICE, "shared")["session"]
+    listed = json.loads(sbroker2(tb.ADMIN, "ls", "--json").stdout)
+    assert [(s["user"], s["project"], s["job_id"]) for s in listed] == [(ALICE, "shared", made["job_id"])]
+    assert sbroker2(ALICE, "show", "shared", "--json").stdout and \
+        json.loads(sbroker2(ALICE, "show", "shared", "--json").stdout)["job_id"] == made["job_id"]
+    res = ssh(ALICE, "@shared", "echo J=$SLURM_JOB_ID", port=tb.LOGIN2_SSH_PORT)
+    assert res.returncode == 0 and res.stdout.split() == [f"J={made['job_id']}"], res.stderr
+    shell = pexpect.spawn("ssh", ["-tt", "-o", "SendEnv=SBROKER_PROJECT", *tb.ssh_command(ALICE, port=tb.LOGIN2_SSH_PORT)[1:]],
+                          env={"PATH": "/usr/bin:/bin", "TERM": "xterm", "SBROKER_PROJECT": "shared"},
+                          timeout=60, dimensions=(24, 100))
+    try:
+        shell.expect(rb"\$ ")
+        shell.sendline("echo at-$SLURM_JOB_ID-$((6*7))")
+        shell.expect(f"at-{made['job_id']}-42")
+    finally:
+        shell.close(force=True)
+    sbroker2(tb.ADMIN, "kill", f"{ALICE}/shared")
+    wait_for(lambda: not jobs_of(ALICE), 30, "the job ended in SLURM")
+    wait_for(lambda: sbroker_json(tb.ADMIN, "show", made["id"])["state"] == "ended", 30,
+             "login1 sees the session ended")
+
+
+def test_fifty_first_logins_over_both_login_nodes_make_one_allocation(two_brokers):
+    offsets = (LOG_PATH.stat().st_size, LOG2.stat().st_size)
+    earlier = {j["job_id"] for j in slurm_jobs(ALICE, "storm")}   # other runs' jobs, still listed
+    results: list[subprocess.CompletedProcess[str] | BaseException] = [None] * LOGINS  # type: ignore[list-item]
+
+    def login(i: int) -> None:
+        port = tb.SSH_PORT if i % 2 == 0 else tb.LOGIN2_SSH_PORT
+        try:
+            results[i] = ssh(ALICE, "@storm", "echo J=$SLURM_JOB_ID", port=port)
+        except BaseException as exc:  # a timeout is a result to report, not a thread crash
+            results[i] = exc
+    threads = [threading.Thread(target=login, args=(i,)) for i in range(LOGINS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    failed = [(i, r) for i, r in enumerate(results)
+              if not isinstance(r, subprocess.CompletedProcess) or r.returncode != 0]
+    assert not failed, failed[:3]
+    seen = {r.stdout.strip() for r in results}
+    assert len(seen) == 1, seen
+    job = seen.pop().removeprefix("J=")
+    jobs = [j for j in slurm_jobs(ALICE, "storm") if j["job_id"] not in earlier]
+    ran = [j for j in jobs if j["nodes"]]   # a job that never ran was never given a node
+    assert [str(j["job_id"]) for j in ran] == [job], jobs   # one allocation ever ran, the one every login used
+    assert [j["job_state"] for j in jobs if str(j["job_id"]) == job] == ["RUNNING"]  # never cancelled
+    per_broker = (sbatch_calls(LOG_PATH, offsets[0]), sbatch_calls(LOG2, offsets[1]))
+    assert all(n <= 1 for n in per_broker), per_broker
+    print(f"50 logins over 2 login nodes: sbatch per broker {per_broker}, jobs {[j['job_id'] for j in jobs]}")
+
+
+def test_login1s_reaper_and_idle_policy_leave_login2s_live_session_alone(two_brokers):
+    """login1 culls after 4 s idle (+2 s grace); alice works through login2 only."""
+    shell = pexpect.spawn("ssh", ["-tt", "-o", "SendEnv=SBROKER_PROJECT", *tb.ssh_command(ALICE, port=tb.LOGIN2_SSH_PORT)[1:]],
+                          env={"PATH": "/usr/bin:/bin", "TERM": "xterm", "SBROKER_PROJECT": "remote"},
+                          timeout=60, dimensions=(24, 100))
+    try:
+        shell.expect(rb"\$ ")
+        job = json.loads(sbroker2(ALICE, "show", "remote", "--json").stdout)["job_id"]
+        listed = json.loads(sbroker(tb.ADMIN, "ls", "--json").stdout)   # login1 adopts it
+        assert [s["job_id"] for s in listed if s["project"] == "remote"] == [job]
+        offset = LOG_PATH.stat().st_size
+        # login1's idle policy reaches the session (idle there since adoption) and defers: a
+        # shell runs in the job, attached through login2. Twice, to be past the grace too.
+        wait_for(lambda: LOG_PATH.read_bytes()[offset:].count(b'"event": "idle_deferred"') >= 2, 30,
+                 "login1's idle policy to look at the session twice")
+        report = json.loads(sbroker(tb.ADMIN, "reap", "--json").stdout)
+        assert job not in [j["job_id"] for j in report["orphan_jobs"]]
+        assert [j["job_id"] for j in jobs_of(ALICE)] == [job]
+        shell.sendline("echo still-$((6*7))")
+        shell.expect("still-42")
+    finally:
+        shell.close(force=True)
