@@ -61,9 +61,13 @@ class BrokerProcess:
             try:
                 with Client(str(SOCKET), timeout=2) as c:
                     c.request("ping")
-                return
+                    pid = peer_pid(c.sock)
             except (BrokerError, OSError):
                 time.sleep(0.1)
+                continue
+            if pid != self.proc.pid:  # a leftover broker (an interrupted run) holds the socket
+                raise RuntimeError(f"another broker (pid {pid}) answers on {SOCKET}; stop it first")
+            return
         raise RuntimeError(f"broker did not answer on {SOCKET} within {timeout}s:\n{tail()}")
 
     def stop(self) -> None:
@@ -83,6 +87,14 @@ class BrokerProcess:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+def peer_pid(sock) -> int:
+    import socket
+    import struct
+
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[0]
 
 
 def tail(lines: int = 40) -> str:
