@@ -79,6 +79,15 @@ def _full(args: list[str]) -> int:
     return int(handler(ns) or 0)
 
 
+#: Directories that are each node's own on a cluster (tmpfs or local disks).
+NODE_LOCAL = ("/tmp", "/var/tmp", "/run", "/dev/shm", "/var/lib", "/var/spool", "/var/run")
+
+
+def node_local(path: str) -> str:
+    """The node-local directory ``path`` lies under, or ``""``."""
+    return next((d for d in NODE_LOCAL if path == d or path.startswith(d + "/")), "")
+
+
 def _serve(ns: object) -> int:
     from .config import ConfigError, load
 
@@ -90,6 +99,15 @@ def _serve(ns: object) -> int:
         return 2
     if getattr(ns, "command") == "check-config":
         print("config ok")
+        print(f"shared storage: slurm.job_dir = {config.job_dir}: session jobs write their output (the"
+              " INSTANCE_READY/INSTANCE_FAILED markers) there on a compute node, as the user, and this"
+              " broker reads it here: it must be storage every compute node writes and every login node"
+              " reads, such as the home (docs/admin.md, section 16)")
+        local = node_local(config.job_dir)
+        if local:
+            print(f"sbroker: config: slurm.job_dir: {config.job_dir} is under {local}, which is private to"
+                  " each node: no session can become ready", file=sys.stderr)
+            return 1
         if getattr(ns, "config_only", False):
             return 0
         from .loginnode import inspect

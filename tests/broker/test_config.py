@@ -71,3 +71,20 @@ def test_trailing_newline_is_not_a_match(key, value):
     section, name = key.split(".")
     with pytest.raises(ConfigError, match=key):
         parse({**GOOD, section: {name: value}})
+
+
+def test_check_config_explains_the_shared_job_dir_and_refuses_a_node_local_one(tmp_path):
+    import subprocess
+    import sys
+    conf = tmp_path / "broker.toml"
+    conf.write_text('[container]\nimage = "/i.sif"\n')
+    ok = subprocess.run([sys.executable, "-m", "broker", "check-config", "--config", str(conf), "--config-only"],
+                        capture_output=True, text=True, timeout=30)
+    assert ok.returncode == 0, ok.stderr
+    assert "shared storage: slurm.job_dir = {home}/.sbroker/jobs:" in ok.stdout
+    conf.write_text('[container]\nimage = "/i.sif"\n[slurm]\njob_dir = "/tmp/sbroker/{user}"\n')
+    bad = subprocess.run([sys.executable, "-m", "broker", "check-config", "--config", str(conf), "--config-only"],
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 1
+    assert bad.stderr == ("sbroker: config: slurm.job_dir: /tmp/sbroker/{user} is under /tmp, which is private"
+                          " to each node: no session can become ready\n")

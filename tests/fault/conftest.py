@@ -51,7 +51,8 @@ wait_gate() {{
 {body}
 """
 _BODIES = {
-    "squeue": 'wait_gate\nexec {real} "$@"',
+    # only the poller's squeue is held (a `--json` scan, before a submission, is not the poll)
+    "squeue": 'case " $* " in *" --json "*) ;; *) wait_gate ;; esac\nexec {real} "$@"',
     "scancel": 'wait_gate\nexec {real} "$@"',
     # after the real submission: the job exists, its id reaches the broker only after the gate
     "sbatch": 'out=$({real} "$@"); rc=$?\nwait_gate\nprintf "%s\\n" "$out"\nexit $rc',

@@ -9,8 +9,6 @@ private tmpfs in that namespace. Each broker has its own log file.
 from __future__ import annotations
 
 import json
-import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -26,12 +24,8 @@ PING = ("import sys; sys.path.insert(0, sys.argv[1]); from broker.client import 
         "with Client(sys.argv[2], timeout=2) as c: c.request('ping')")
 
 
-class Login2Broker:
-    """The broker of login2, started inside its namespaces with ``nsenter``."""
-
-    def __init__(self, **overrides: object) -> None:
-        self.overrides = overrides
-        self.proc: subprocess.Popen[bytes] | None = None
+class Login2Broker(d.BrokerProcess):
+    """The broker of login2, started inside its namespaces with ``nsenter`` (stopped as any)."""
 
     def start(self, timeout: float = 20.0) -> None:
         CONFIG2.write_text(d.config_text(**self.overrides))
@@ -49,15 +43,6 @@ class Login2Broker:
                 return
             time.sleep(0.1)
         raise RuntimeError(f"login2 broker did not answer within {timeout}s; see {LOG2}")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 def reset_login2_state() -> None:
@@ -82,17 +67,6 @@ def store2_rows() -> dict[str, dict]:
     res = subprocess.run(harness.on_login2(sys.executable, "-c", code, str(d.STATE_DIR / "sessions.db")),
                          capture_output=True, text=True, timeout=30)
     return json.loads(res.stdout) if res.returncode == 0 and res.stdout.strip() else {}
-
-
-def store1_rows() -> dict[str, dict]:
-    db = d.STATE_DIR / "sessions.db"
-    if not db.exists():
-        return {}
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-    try:
-        return {r[0]: json.loads(r[1]) for r in con.execute("SELECT id, doc FROM sessions")}
-    finally:
-        con.close()
 
 
 def sbatch_calls(log_path, offset: int = 0) -> int:

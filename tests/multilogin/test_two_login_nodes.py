@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
-import time
 
 import pexpect
 import pytest
