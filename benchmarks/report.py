@@ -118,9 +118,14 @@ def write_report(results: Path, order: list[str]) -> Path:
             lines.append("Notes:\n")
             lines += notes
             lines.append("")
-        runs = sorted({(v["date"], v["mode"]) for v in machines.values()})
-        lines.append("Runs that produced these rows: " + "; ".join(f"{d} ({mode})" for d, mode in runs)
-                     + ".\n")
+        lines.append("What each results file measured (`benchmarks/results/<name>.json`, `machine`):\n")
+        lines.append("| results | date | mode | commit | tree | apptainer | test bed |")
+        lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+        for name, v in machines.items():
+            lines.append(f"| {name} | {v['date']} | {v['mode']} | {v.get('commit', 'not recorded')[:12]} | "
+                         f"{ {'no': 'clean', 'yes': '**dirty**'}.get(v.get('dirty', ''), 'not recorded')} | "
+                         f"{v.get('apptainer', 'not recorded')} | {v.get('bed', 'one host (before the compute nodes)')} |")
+        lines.append("")
     lines.append(METHOD)
     if FINDINGS.exists():
         lines.append(FINDINGS.read_text().rstrip() + "\n")
