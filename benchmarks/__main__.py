@@ -60,8 +60,9 @@ def provenance() -> dict[str, str]:
     def git(*argv: str) -> str:
         return subprocess.run(["git", "-C", str(repo), *argv], capture_output=True, text=True,
                               timeout=30).stdout.strip()
-    dirty = [line for line in git("status", "--porcelain").splitlines()
-             if not line[3:].startswith("benchmarks/results/")]
+    status = subprocess.run(["git", "-C", str(repo), "status", "--porcelain"], capture_output=True, text=True,
+                            timeout=30).stdout   # not stripped: each line starts with two status columns
+    dirty = [line for line in status.splitlines() if not line[3:].startswith("benchmarks/results/")]
     from tests import standin
 
     real = standin.real_apptainer()
