@@ -133,6 +133,8 @@ def main() -> int:
         print(f"    {line}\n")
         print(f"A command runs there too:  {line} 'hostname; echo $SLURM_JOB_ID'")
         print(f"Other project:             {line} @myproject")
+        print(f"Where it runs:             compute nodes {', '.join(C.NODES)} (own hostname, /tmp, /run,"
+              f" processes); `SLURM_CONF={C.SLURM_CONF} sinfo -N`")
         print(f"Admin view:                {ssh_line(C.ADMIN)} "
               f"'SBROKER_SOCKET={C.BROKER_SOCKET} {C.SBROKER_BIN} ls'")
         print(f"Stop the broker: kill $(cat {BROKER_PID});  everything: make down\n")

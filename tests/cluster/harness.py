@@ -968,6 +968,10 @@ def status() -> int:
         print(f"{n.name:10} " + (f"up, init pid {n.init_pid()}, slurmd pid {slurmd}" if slurmd
                                  else "init pid %s, slurmd not running" % n.init_pid()
                                  if n.init_pid() else "down"))
+    holder = login2_pid()
+    ok &= holder is not None and LOGIN2_SSHD.pid() is not None
+    print(f"{C.LOGIN2:10} " + (f"up, pid {holder}, sshd pid {LOGIN2_SSHD.pid()} on port {C.LOGIN2_SSH_PORT}"
+                               if holder else "down"))
     if SLURMCTLD.pid():
         p = subprocess.run(["sinfo", "-h", "-o", "%P %a %l %D %T %N %C"], env=C.slurm_env(),
                            capture_output=True, text=True, timeout=30)
