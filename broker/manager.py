@@ -17,6 +17,7 @@ Concurrency rules
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import random
 import secrets
@@ -58,6 +59,8 @@ MIN_POLL_GAP = 0.25
 #: How often the poller looks for tagged jobs it does not track (another login node's
 #: sessions), so ``ls``/``show`` here list them; a lookup that misses looks at once.
 DISCOVER_INTERVAL = 30.0
+#: How many ended jobs a broker remembers, so that no scan taken before their end revives them.
+GONE_MEMORY = 1000
 #: A whole-cluster ``squeue --json`` answer is shared by callers for this long.
 SCAN_MAX_AGE = 1.0
 #: An ``ending`` session whose job SLURM still reports active gets ``scancel`` again after
@@ -93,6 +96,9 @@ class Manager:
         #: ready: the next poll looks for the key's winning job before anything else.
         self._converge: dict[str, str] = {}
         self._scan: tuple[float, dict[str, JobInfo]] | None = None
+        #: Jobs whose end this broker has seen (newest last, bounded): a scan taken a moment
+        #: earlier may still list one as running, and no login may join a job that is gone.
+        self._gone: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._scan_task: asyncio.Task[dict[str, JobInfo]] | None = None
         self._last_discover = time.monotonic()  # start() scans; the poller looks again later
         self._wake = asyncio.Event()
@@ -135,6 +141,10 @@ class Manager:
             self._cancel_sent.pop(session.job_id, None)
             self._absent_since.pop(session.job_id, None)
             self._converge.pop(session.id, None)
+            if session.job_id:
+                self._gone[session.job_id] = None
+                while len(self._gone) > GONE_MEMORY:
+                    self._gone.popitem(last=False)
             self.sessions.pop(session.id, None)
             self.finished[new.value] += 1
             if self.by_key.get(session.key) is session:
@@ -280,6 +290,8 @@ class Manager:
         job tagged for (``uid``, ``project``) whose SLURM owner is ``uid``."""
         best = None
         for info in jobs.values():
+            if info.job_id in self._gone:
+                continue
             found = self.tagged(info)
             if found is None or info.uid != uid or found[1].get("project") != project:
                 continue
@@ -292,7 +304,7 @@ class Manager:
         or this broker lost it), join that one instead. A failed scan is no evidence: submit;
         ``--dependency=singleton`` and :meth:`_converge_all` still converge on one job."""
         try:
-            jobs = await self.scan()
+            jobs = await self.scan(max_age=0.0)  # fresh: a job may have ended a moment ago
         except (SlurmError, ValueError) as exc:
             self.log.warning("scan_failed", session=session.id, reason=getattr(exc, "reason", None) or str(exc))
             return False
@@ -372,7 +384,7 @@ class Manager:
         adopted = 0
         now = time.time()
         for info in sorted(jobs.values(), key=lambda j: int(j.job_id)):
-            if info.job_id in known:
+            if info.job_id in known or info.job_id in self._gone:
                 continue
             found = self.tagged(info)
             if found is None:

@@ -66,6 +66,7 @@ class BrokerProcess:
                 time.sleep(0.1)
                 continue
             if pid != self.proc.pid:  # a leftover broker (an interrupted run) holds the socket
+                self.stop()
                 raise RuntimeError(f"another broker (pid {pid}) answers on {SOCKET}; stop it first")
             return
         raise RuntimeError(f"broker did not answer on {SOCKET} within {timeout}s:\n{tail()}")

@@ -48,13 +48,15 @@ def two_brokers(cluster):
     reset_login2_state()
     one = BrokerProcess(timeouts_idle=4, timeouts_idle_grace=2)
     two = Login2Broker()
-    one.start()
-    two.start()
-    yield one, two
-    two.stop()
-    one.stop()
-    reset_login2_state()
-    reset_state()
+    try:
+        one.start()
+        two.start()
+        yield one, two
+    finally:
+        two.stop()
+        one.stop()
+        reset_login2_state()
+        reset_state()
 
 
 def test_a_session_made_through_login1_is_listed_attached_and_killed_through_login2(two_brokers):
