@@ -147,14 +147,7 @@ class Node:
 
     def init_pid(self) -> int | None:
         """The node's PID 1 (node-init.sh), if the node is up."""
-        try:
-            unshare = int(self.pidfile.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
-        if proc_name(unshare) != "unshare":
-            return None
-        kids = [p for p in children_of(unshare) if proc_name(p)]
-        return kids[0] if kids else None
+        return namespace_holder(self.pidfile)
 
     def pids(self) -> list[int]:
         """Every process of the node (its PID namespace), init included."""
@@ -169,6 +162,19 @@ class Node:
 
 
 NODES = tuple(Node(name) for name in C.NODES)
+
+
+def namespace_holder(pidfile: Path) -> int | None:
+    """The child of the ``unshare`` whose pid PIDFILE holds: the process that holds (is PID 1
+    of, for a node) the namespaces; None when it is gone."""
+    try:
+        unshare = int(pidfile.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    if proc_name(unshare) != "unshare":
+        return None
+    kids = [p for p in children_of(unshare) if proc_name(p)]
+    return kids[0] if kids else None
 
 
 def on_node(name: str, *argv: str, user: str | None = None) -> list[str]:
@@ -674,9 +680,9 @@ def ensure_slurm(conf_changed: bool) -> None:
     log("nodes: " + ", ".join(f"{k} {v}" for k, v in states.items()))
 
 
-def sshd_answers() -> bool:
+def sshd_answers(port: int = C.SSH_PORT) -> bool:
     try:
-        with socket.create_connection((C.SSH_HOST, C.SSH_PORT), timeout=2) as s:
+        with socket.create_connection((C.SSH_HOST, port), timeout=2) as s:
             s.settimeout(2)
             return s.recv(64).startswith(b"SSH-2.0-")
     except OSError:
@@ -691,14 +697,7 @@ LOGIN2_PIDFILE = C.RUN / "login-login2.pid"
 
 def login2_pid() -> int | None:
     """The process holding the second login node's namespaces (login-init.sh), if it is up."""
-    try:
-        unshare = int(LOGIN2_PIDFILE.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    if proc_name(unshare) != "unshare":
-        return None
-    kids = [p for p in children_of(unshare) if proc_name(p)]
-    return kids[0] if kids else None
+    return namespace_holder(LOGIN2_PIDFILE)
 
 
 def on_login2(*argv: str) -> list[str]:
@@ -717,20 +716,11 @@ def _login2_mounts_intact() -> bool:
     return all(d in points for d in C.LOGIN2_PRIVATE_DIRS)
 
 
-def login2_sshd_answers() -> bool:
-    try:
-        with socket.create_connection((C.SSH_HOST, C.LOGIN2_SSH_PORT), timeout=2) as s:
-            s.settimeout(2)
-            return s.recv(64).startswith(b"SSH-2.0-")
-    except OSError:
-        return False
-
-
 def ensure_login2(conf_changed: bool) -> None:
     """The second login node: namespaces, private broker dirs, its own sshd."""
     if conf_changed and login2_pid() is not None:
         stop_login2()
-    if login2_pid() is not None and LOGIN2_SSHD.pid() is not None and login2_sshd_answers() \
+    if login2_pid() is not None and LOGIN2_SSHD.pid() is not None and sshd_answers(C.LOGIN2_SSH_PORT) \
             and _login2_mounts_intact():
         return
     stop_login2()
@@ -746,7 +736,7 @@ def ensure_login2(conf_changed: bool) -> None:
                               str(LOGIN2_SSHD.logfile), *C.LOGIN2_PRIVATE_DIRS],
                              stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
     LOGIN2_PIDFILE.write_text(f"{p.pid}\n")
-    if not _wait(lambda: LOGIN2_SSHD.pid() is not None and login2_sshd_answers(), 15):
+    if not _wait(lambda: LOGIN2_SSHD.pid() is not None and sshd_answers(C.LOGIN2_SSH_PORT), 15):
         raise HarnessError(f"{C.LOGIN2}: sshd does not answer on port {C.LOGIN2_SSH_PORT};"
                            f" console:\n{log_tail(console)}", LOGIN2_SSHD.logfile)
     log(f"{C.LOGIN2} up (pid {login2_pid()}, sshd pid {LOGIN2_SSHD.pid()}, port {C.LOGIN2_SSH_PORT})")

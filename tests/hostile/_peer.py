@@ -38,3 +38,18 @@ def attach_once(user: str, fields: dict[str, object], typed: str = "") -> dict[s
                             capture_output=True, text=True, timeout=120, cwd="/")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.splitlines()[0])
+
+
+def broker_with(toml: str):
+    """A fresh test daemon whose broker.toml also carries ``toml`` (e.g. a ``[limits]`` table)."""
+    from tests.integration import daemon as bed
+
+    plain = bed.config_text
+    bed.config_text = lambda **kw: plain(**kw) + toml
+    bed.reset_state()
+    proc = bed.BrokerProcess()
+    try:
+        proc.start()
+    finally:
+        bed.config_text = plain
+    return proc

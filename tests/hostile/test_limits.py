@@ -20,7 +20,7 @@ from tests.integration import daemon as bed
 from tests.integration.conftest import ensure_as
 from tests.ops.conftest import attach
 
-from ._peer import attach_once
+from ._peer import attach_once, broker_with
 
 ALICE, BOB = tb.USERS
 LIMITS = "[limits]\nconnections_per_user = 3\nsessions_per_user = 1\nshells_per_user = 1\n" \
@@ -29,14 +29,7 @@ LIMITS = "[limits]\nconnections_per_user = 3\nsessions_per_user = 1\nshells_per_
 
 @pytest.fixture(scope="module")
 def limited(cluster):
-    plain = bed.config_text
-    bed.config_text = lambda **kw: plain(**kw) + LIMITS
-    bed.reset_state()
-    proc = bed.BrokerProcess()
-    try:
-        proc.start()
-    finally:
-        bed.config_text = plain
+    proc = broker_with(LIMITS)
     yield proc
     proc.stop()
     bed.reset_state()

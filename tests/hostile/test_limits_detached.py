@@ -11,7 +11,7 @@ from tests.cluster import config as tb
 from tests.integration import daemon as bed
 from tests.integration.conftest import ensure_as
 
-from ._peer import attach_once
+from ._peer import attach_once, broker_with
 
 BOB = tb.USERS[1]
 
@@ -20,14 +20,7 @@ BOB = tb.USERS[1]
 def test_detached_shells_beyond_the_limit_end_oldest_first(cluster):
     """``limits.detached_shells_per_user = 1``: bob drops his shell in p1, then in p2; the p1
     shell (the older detached one) is ended, the p2 shell is kept for him to reattach."""
-    plain = bed.config_text
-    bed.config_text = lambda **kw: plain(**kw) + "[limits]\ndetached_shells_per_user = 1\n"
-    bed.reset_state()
-    proc = bed.BrokerProcess()
-    try:
-        proc.start()
-    finally:
-        bed.config_text = plain
+    proc = broker_with("[limits]\ndetached_shells_per_user = 1\n")
     offset = bed.LOG_PATH.stat().st_size
     try:
         ids = {p: ensure_as(BOB, p)["session"]["id"] for p in ("p1", "p2")}

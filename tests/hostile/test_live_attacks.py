@@ -21,8 +21,8 @@ import pytest
 
 from tests.cluster import config as tb
 from tests.fault.conftest import request_as
-from tests.integration.conftest import ensure_as, sbroker, sbroker_json
-from tests.integration.daemon import STATE_DIR, BrokerProcess, reset_state
+from tests.integration.conftest import broker, ensure_as, sbroker, sbroker_json  # noqa: F401 (fixture)
+from tests.integration.daemon import STATE_DIR
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
@@ -30,17 +30,7 @@ pytestmark = pytest.mark.cluster
 ALICE, BOB = tb.USERS
 
 
-@pytest.fixture(scope="module")
-def daemon(cluster):
-    reset_state()
-    proc = BrokerProcess()
-    proc.start()
-    yield proc
-    proc.stop()
-    reset_state()
-
-
-def test_a_deeply_nested_frame_gets_one_error_and_others_are_served(daemon):
+def test_a_deeply_nested_frame_gets_one_error_and_others_are_served(broker):
     raw = '{"op": "ping", "v": ' + "[" * 30000 + "]" * 30000 + "}"  # under the 64 KiB frame limit
     replies = request_as(BOB, raw)
     assert len(replies) == 1 and replies[0]["type"] == "error", replies
@@ -48,7 +38,7 @@ def test_a_deeply_nested_frame_gets_one_error_and_others_are_served(daemon):
     assert ensure_as(ALICE, "nested")["type"] == "result"
 
 
-def test_escape_sequences_in_a_users_log_reach_admins_made_visible(daemon):
+def test_escape_sequences_in_a_users_log_reach_admins_made_visible(broker):
     session = ensure_as(BOB, "escapes")["session"]
     log = sbroker_json(tb.ADMIN, "show", session["id"])["log_path"]
     evil = "\x1b]0;pwned\x07\x1b[2J\x1b[31mred\x9b31m\u202eevil\n"
@@ -61,7 +51,7 @@ def test_escape_sequences_in_a_users_log_reach_admins_made_visible(daemon):
     assert evil in data  # --json stays lossless, for programs
 
 
-def test_repeated_kills_of_an_ended_session_do_not_grow_the_audit_log(daemon):
+def test_repeated_kills_of_an_ended_session_do_not_grow_the_audit_log(broker):
     session = ensure_as(BOB, "killed")["session"]
     sbroker(BOB, "kill", session["id"])
     wait_for(lambda: sbroker_json(BOB, "show", session["id"])["state"] == "ended", 30, "bob's session ended")
