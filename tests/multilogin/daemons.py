@@ -8,7 +8,6 @@ private tmpfs in that namespace. Each broker has its own log file.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -58,15 +57,6 @@ def sbroker2(user: str, *args: str, check: bool = True, timeout: float = 120) ->
     if check and res.returncode != 0:
         raise AssertionError(f"login2: sbroker {' '.join(args)} as {user} failed ({res.returncode}): {res.stderr}")
     return res
-
-
-def store2_rows() -> dict[str, dict]:
-    """login2's session store, read inside its namespace."""
-    code = ("import json,sqlite3,sys; con=sqlite3.connect(f'file:{sys.argv[1]}?mode=ro', uri=True, timeout=5);"
-            "print(json.dumps({r[0]: json.loads(r[1]) for r in con.execute('SELECT id, doc FROM sessions')}))")
-    res = subprocess.run(harness.on_login2(sys.executable, "-c", code, str(d.STATE_DIR / "sessions.db")),
-                         capture_output=True, text=True, timeout=30)
-    return json.loads(res.stdout) if res.returncode == 0 and res.stdout.strip() else {}
 
 
 def sbatch_calls(log_path, offset: int = 0) -> int:
