@@ -88,6 +88,19 @@ def test_a_node_has_its_own_hostname_tmp_run_and_processes(node):
         marker.unlink()
 
 
+def test_jobs_of_overlapping_partitions_share_a_node():
+    """`compute` and `node1` overlap on node1: a job in each runs there at once (with
+    OverSubscribe=YES, SLURM keeps a node busy in one partition away from the others)."""
+    name = f"tb-overlap-{uuid.uuid4().hex[:6]}"
+    a = submit(ALICE, "-J", name, "-p", C.PARTITION, "-w", "node1", "-t", "5", "--wrap", "sleep 300")
+    b = submit(ALICE, "-J", name, "-p", "node1", "-t", "5", "--wrap", "sleep 300")
+    try:
+        wait_for(lambda: states(a, b) == {a: "RUNNING", b: "RUNNING"}, 20,
+                 lambda: f"jobs {a} ({C.PARTITION}) and {b} (node1) RUNNING together: {states(a, b)}")
+    finally:
+        scancel(a, b)
+
+
 def test_a_double_forked_process_dies_with_its_job():
     """proctrack/cgroup: a process that escaped its job's process tree still ends with it."""
     tag = f"sb-escape-{uuid.uuid4().hex[:8]}"
