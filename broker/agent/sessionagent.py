@@ -1,0 +1,842 @@
+#!/usr/bin/env python3
+"""sbroker session agent: the shells of one session, held in its allocation.
+
+One agent runs per session, as the user, in the session job's batch step on the compute
+node (the one step that lives as long as the job without a client on a login node). It
+holds every interactive shell's pty for the job's lifetime, so a broker restart, an
+upgrade or a login through another login node loses nothing: the broker is only the
+control plane. Standard library only (Python >= 3.9); the batch script writes this file
+into a private directory (``mktemp -d``, mode 0700) and starts ``serve``.
+
+``serve``
+    Listens on ``DIR/agent.sock`` (the private directory; peers must be the same uid,
+    checked with ``SO_PEERCRED``: no abstract sockets, which every network namespace
+    peer could reach). Writes a small status file (``--status``) the broker reads to
+    judge idleness: the user's word, affecting only the user's own session.
+``attach [--mode write|observe] [--announce TEXT] -- ARGV...``
+    Run under ``srun --overlap --pty --jobid=J`` by ``sbroker login``: connects this
+    terminal to the oldest detached shell (replaying its recent output), or to a new
+    shell running ARGV; relays raw bytes until the shell exits, and exits with its
+    status. Killed (the SSH connection dropped), the shell stays detached for the grace.
+``status``
+    Print the agent's status (JSON) and exit.
+
+Rules, those users of tmux or screen expect: a shell has at most one writer; observers
+see the output and cannot type; a detached shell lives ``--grace`` seconds and its
+background jobs with it (then it is hung up, as a closed terminal would; ``nohup``
+work lives on until the job ends); at most ``--max-shells`` shells and ``--max-detached`` detached
+ones (the oldest detached is ended beyond). Output is never decoded; a writer that does
+not read stops the pty being read (backpressure), an observer that does not read is
+dropped. Frames are those of :mod:`broker.protocol`: ``kind | length (4, BE) | payload``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import selectors
+import signal
+import socket
+import stat
+import struct
+import sys
+import termios
+import time
+import tty
+
+HEADER = struct.Struct(">cI")
+KIND_JSON, KIND_OUTPUT, KIND_INPUT = b"J", b"O", b"I"
+MAX_DATA = 64 * 1024
+MAX_JSON = 64 * 1024
+SOCKET_NAME = "agent.sock"
+WRITER_HIGH_WATER = 256 * 1024
+OBSERVER_LIMIT = 1024 * 1024
+INPUT_LIMIT = 1024 * 1024
+#: ``signal`` controls become the keys that raise them in the shell's terminal.
+SIGNAL_KEYS = {"INT": b"\x03", "QUIT": b"\x1c"}
+#: Input alone refreshes the status file at most this often (the broker's idle limit is
+#: minutes; attach and detach are written at once).
+STATUS_INPUT_INTERVAL = 15.0
+FIRST_MESSAGE_TIMEOUT = 30.0
+HANGUP_KILL_AFTER = 5.0
+EXIT_LOST = 255
+
+
+# --------------------------------------------------------------------------- framing
+
+def encode(kind: bytes, payload: bytes) -> bytes:
+    return HEADER.pack(kind, len(payload)) + payload
+
+
+def encode_json(message: dict) -> bytes:
+    return encode(KIND_JSON, json.dumps(message, separators=(",", ":")).encode())
+
+
+def parse_header(header: bytes) -> tuple[bytes, int]:
+    kind, length = HEADER.unpack(header)
+    if kind not in (KIND_JSON, KIND_OUTPUT, KIND_INPUT):
+        raise ValueError(f"frame: unknown kind {kind!r}")
+    if length > (MAX_JSON if kind == KIND_JSON else MAX_DATA):
+        raise ValueError(f"frame: length {length} too large")
+    return kind, length
+
+
+def log(event: str, **fields: object) -> None:
+    """One JSON line on stderr (the session's job log, the user's file)."""
+    line = {"timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "logger": "sbroker.agent",
+            "event": event, **fields}
+    try:
+        sys.stderr.write(json.dumps(line) + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def set_winsize(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def window_size(fd: int) -> tuple[int, int]:
+    try:
+        rows, cols, _, _ = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8))
+    except OSError:
+        return 24, 80
+    return (rows, cols) if 1 <= rows <= 1000 and 1 <= cols <= 1000 else (24, 80)
+
+
+def _size(message: dict) -> tuple[int, int]:
+    rows, cols = message.get("rows"), message.get("cols")
+    if isinstance(rows, int) and isinstance(cols, int) and 1 <= rows <= 1000 and 1 <= cols <= 1000:
+        return rows, cols
+    return 24, 80
+
+
+def peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+# --------------------------------------------------------------------------- the agent
+
+class Conn:
+    """One attached client: framed reads and writes."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    async def read_frame(self) -> tuple[bytes, bytes]:
+        kind, length = parse_header(await self.reader.readexactly(HEADER.size))
+        return kind, (await self.reader.readexactly(length) if length else b"")
+
+    async def read_json(self) -> dict:
+        kind, payload = await self.read_frame()
+        message = json.loads(payload.decode()) if kind == KIND_JSON else None
+        if not isinstance(message, dict):
+            raise ValueError("frame: expected a JSON object")
+        return message
+
+    async def send(self, message: dict) -> None:
+        self.writer.write(encode_json(message))
+        await self.writer.drain()
+
+    def buffered(self) -> int:
+        return self.writer.transport.get_write_buffer_size()
+
+
+class Shell:
+    def __init__(self, number: int, pid: int, master: int, scrollback_limit: int) -> None:
+        self.id = number
+        self.pid = pid
+        self.master = master
+        self.scrollback_limit = scrollback_limit
+        self.scrollback = bytearray()
+        self.writer: Conn | None = None
+        self.observers: set[Conn] = set()
+        self.detached_at: float | None = None
+        self.started = time.time()
+        self.last_input = self.started
+        self.pending_input = bytearray()
+        self.reading = False
+        self.closed = False
+        self.exited = False
+        self.input_drained = asyncio.Event()
+
+    def record(self, data: bytes) -> None:
+        self.scrollback += data
+        excess = len(self.scrollback) - self.scrollback_limit
+        if excess > 0:
+            del self.scrollback[:excess]
+
+
+class Agent:
+    def __init__(self, directory: str, *, status_path: str = "", grace: float = 600.0,
+                 scrollback: int = 64 * 1024, max_shells: int = 64, max_detached: int = 8,
+                 walltime_marks: tuple[int, ...] = (), job_id: str = "") -> None:
+        self.directory = directory
+        self.status_path = status_path
+        self.grace = grace
+        self.scrollback_limit = scrollback
+        self.max_shells = max_shells
+        self.max_detached = max_detached
+        self.walltime_marks = tuple(sorted(set(walltime_marks), reverse=True))
+        self.job_id = job_id
+        self.shells: dict[int, Shell] = {}
+        self.next_id = 1
+        self.started = time.time()
+        self.last_input = 0.0
+        self.last_attach = 0.0
+        self.unread_notices: list[str] = []
+        self.status_written = 0.0
+        self.status_timer: asyncio.TimerHandle | None = None
+        self.stopping = asyncio.Event()
+        self.loop = asyncio.get_running_loop()
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def run(self) -> int:
+        path = os.path.join(self.directory, SOCKET_NAME)
+        staging = os.path.join(self.directory, f".{SOCKET_NAME}.{os.getpid()}")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o077)
+        try:
+            sock.bind(staging)
+        finally:
+            os.umask(old)
+        server = await asyncio.start_unix_server(self._on_client, sock=sock, limit=MAX_JSON * 2)
+        os.replace(staging, path)  # the socket appears only once it accepts: the batch script waits for it
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            self.loop.add_signal_handler(signum, self.stopping.set)
+        self.loop.add_signal_handler(signal.SIGCHLD, self._reap)
+        log("agent_started", pid=os.getpid(), socket=path, grace=self.grace, max_shells=self.max_shells,
+            max_detached=self.max_detached, python=sys.version.split()[0])
+        self._write_status()
+        tasks = [asyncio.ensure_future(self._walltime_loop())]
+        await self.stopping.wait()
+        log("agent_stopping", shells=len(self.shells))
+        server.close()
+        for shell in list(self.shells.values()):
+            self.hangup(shell, "agent stopping")
+        deadline = time.monotonic() + 3
+        while self.shells and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for shell in list(self.shells.values()):  # ignored SIGHUP: the agent must not leave them behind
+            if not shell.exited:
+                log("shell_killed", shell=shell.id, why="still running 3s after the hangup")
+                self._signal(shell, signal.SIGKILL)
+        for task in tasks:
+            task.cancel()
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        return 0
+
+    # ------------------------------------------------------------ clients
+
+    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = Conn(reader, writer)
+        try:
+            uid = peer_uid(writer.get_extra_info("socket"))
+            if uid != os.getuid():
+                log("peer_refused", uid=uid)
+                return
+            message = await asyncio.wait_for(conn.read_json(), FIRST_MESSAGE_TIMEOUT)
+            op = message.get("op")
+            if op == "status":
+                await conn.send({"type": "result", **self.status()})
+            elif op == "attach":
+                await self._attach(conn, message)
+            else:
+                await conn.send({"type": "error", "message": "op: must be attach or status"})
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def _attach(self, conn: Conn, message: dict) -> None:
+        mode = message.get("mode", "write")
+        if mode not in ("write", "observe"):
+            await conn.send({"type": "error", "message": "mode: must be write or observe"})
+            return
+        rows, cols = _size(message)
+        if mode == "observe":
+            shell = self._pick_observed()
+            if shell is None:
+                await conn.send({"type": "error", "message": "session: has no shell to observe"})
+                return
+            shell.observers.add(conn)
+            reattached = True
+        else:
+            shell = self._pick_detached()
+            reattached = shell is not None
+            if shell is None:
+                argv = message.get("argv")
+                if not (isinstance(argv, list) and argv and all(isinstance(a, str) and "\0" not in a for a in argv)):
+                    await conn.send({"type": "error", "message": "argv: must be a non-empty list of strings"})
+                    return
+                open_shells = sum(1 for s in self.shells.values() if not s.closed)
+                if open_shells >= self.max_shells:
+                    log("limit_refused", rule="shells", limit=self.max_shells)
+                    await conn.send({"type": "error", "message":
+                                     f"limits.shells_per_user: at most {self.max_shells} shells in a session; "
+                                     "exit one (or reattach a detached one) and retry"})
+                    return
+                term = message.get("term") if isinstance(message.get("term"), str) else ""
+                shell = self._spawn(argv, rows, cols, term[:64])
+            shell.writer, shell.detached_at = conn, None
+            set_winsize(shell.master, rows, cols)
+        now = time.time()
+        self.last_attach = now
+        event = "observe" if mode == "observe" else ("reattach" if reattached else "attach")
+        log(event, shell=shell.id, rows=rows, cols=cols)
+        self._status_changed()
+        await conn.send({"type": "attached", "terminal": shell.id, "mode": mode, "reattached": reattached})
+        if reattached and shell.scrollback:
+            replay = bytes(shell.scrollback)
+            for start in range(0, len(replay), MAX_DATA):
+                conn.writer.write(encode(KIND_OUTPUT, replay[start:start + MAX_DATA]))
+        announce = message.get("announce")
+        if isinstance(announce, str) and announce:
+            self._announce(shell, announce[:300])  # after the replay, which would repeat it
+        if self.unread_notices and mode == "write":
+            for text in self.unread_notices:
+                self._deliver(shell, text.encode())
+            self.unread_notices.clear()
+        try:
+            await self._pump(shell, conn, mode)
+        finally:
+            self._detach(shell, conn)
+
+    def _announce(self, shell: Shell, text: str) -> None:
+        """A notice in every shell's terminals and scrollback (an administrator typing)."""
+        notice = f"\r\n[sbroker: {text}]\r\n".encode()
+        log("announce", shell=shell.id, text=text)
+        for other in self.shells.values():
+            self._deliver(other, notice)
+
+    def _pick_detached(self) -> Shell | None:
+        detached = [s for s in self.shells.values() if s.writer is None and s.detached_at is not None
+                    and not s.closed]
+        return min(detached, key=lambda s: s.detached_at or 0.0) if detached else None
+
+    def _pick_observed(self) -> Shell | None:
+        shells = [s for s in self.shells.values() if not s.closed]
+        return max(shells, key=lambda s: (s.writer is not None, s.last_input)) if shells else None
+
+    async def _pump(self, shell: Shell, conn: Conn, mode: str) -> None:
+        while not shell.closed:
+            kind, payload = await conn.read_frame()
+            writer = mode == "write" and shell.writer is conn
+            if kind == KIND_INPUT:
+                if writer:
+                    await self._write_input(shell, payload)
+            elif kind == KIND_JSON:
+                message = json.loads(payload.decode())
+                control = message.get("type") if isinstance(message, dict) else None
+                if control == "resize" and writer:
+                    set_winsize(shell.master, *_size(message))
+                elif control == "signal" and writer and message.get("signal") in SIGNAL_KEYS:
+                    await self._write_input(shell, SIGNAL_KEYS[message["signal"]])
+                elif control == "detach":
+                    return
+
+    def _detach(self, shell: Shell, conn: Conn) -> None:
+        shell.observers.discard(conn)
+        if shell.writer is conn:
+            shell.writer = None
+            if not shell.closed:
+                shell.detached_at = detached_at = time.time()
+                log("detach", shell=shell.id, grace=self.grace)
+                self.loop.call_later(self.grace, self._expire, shell, detached_at)
+                self._enforce_detached_limit()
+        self._status_changed()
+
+    def _enforce_detached_limit(self) -> None:
+        detached = sorted((s for s in self.shells.values() if s.writer is None and s.detached_at is not None
+                           and not s.closed), key=lambda s: s.detached_at or 0.0)
+        for shell in detached[:max(0, len(detached) - self.max_detached)]:
+            shell.detached_at = None
+            log("limit_detached", shell=shell.id, limit=self.max_detached,
+                rule="limits.detached_shells_per_user: oldest detached shell ended")
+            self.hangup(shell, "detached-shell limit")
+
+    def _expire(self, shell: Shell, detached_at: float) -> None:
+        if shell.writer is None and shell.detached_at == detached_at and not shell.closed:
+            log("shell_expired", shell=shell.id, grace=self.grace)
+            self.hangup(shell, "detach grace ended")
+
+    # ------------------------------------------------------------ shells
+
+    def _spawn(self, argv: list[str], rows: int, cols: int, term: str) -> Shell:
+        master, slave = os.openpty()
+        set_winsize(slave, rows, cols)
+        env = dict(os.environ)
+        if term:
+            env["TERM"] = term
+        pid = os.fork()
+        if pid == 0:  # child: a session of its own with the pty as controlling terminal
+            try:
+                os.setsid()
+                fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+                for fd in (0, 1, 2):
+                    os.dup2(slave, fd)
+                if slave > 2:
+                    os.close(slave)
+                signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+                os.execvpe(argv[0], argv, env)
+            except BaseException as exc:  # noqa: BLE001 - the child must never return
+                try:
+                    os.write(2, f"sbroker agent: cannot run {argv[0]}: {exc}\r\n".encode())
+                finally:
+                    os._exit(127)
+        os.close(slave)
+        os.set_blocking(master, False)
+        shell = Shell(self.next_id, pid, master, self.scrollback_limit)
+        self.next_id += 1
+        self.shells[shell.id] = shell
+        self._start_reading(shell)
+        log("shell_started", shell=shell.id, pid=pid)
+        return shell
+
+    def _start_reading(self, shell: Shell) -> None:
+        if not shell.reading and not shell.closed:
+            self.loop.add_reader(shell.master, self._on_output, shell)
+            shell.reading = True
+
+    def _stop_reading(self, shell: Shell) -> None:
+        if shell.reading:
+            self.loop.remove_reader(shell.master)
+            shell.reading = False
+
+    def _on_output(self, shell: Shell) -> None:
+        chunks: list[bytes] = []
+        size = 0
+        while size < MAX_DATA:
+            try:
+                data = os.read(shell.master, MAX_DATA - size)
+            except BlockingIOError:
+                break
+            except OSError:  # EIO: every process holding the pty has gone
+                data = b""
+            if not data:
+                if not chunks:
+                    self._stop_reading(shell)
+                    return
+                break
+            chunks.append(data)
+            size += len(data)
+        if chunks:
+            self._deliver(shell, chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+    def _deliver(self, shell: Shell, data: bytes) -> None:
+        shell.record(data)
+        frame = encode(KIND_OUTPUT, data)
+        for conn in list(shell.observers):
+            if conn.buffered() > OBSERVER_LIMIT:
+                shell.observers.discard(conn)
+                conn.writer.close()
+                log("observer_dropped", shell=shell.id, reason="not reading")
+            else:
+                conn.writer.write(frame)
+        writer = shell.writer
+        if writer is not None:
+            writer.writer.write(frame)
+            if writer.buffered() > WRITER_HIGH_WATER:
+                self._stop_reading(shell)
+                asyncio.ensure_future(self._resume_after_drain(shell, writer))
+
+    async def _resume_after_drain(self, shell: Shell, conn: Conn) -> None:
+        try:
+            await conn.writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        self._start_reading(shell)
+
+    async def _write_input(self, shell: Shell, data: bytes) -> None:
+        now = time.time()
+        shell.last_input = self.last_input = now
+        if now - self.status_written > STATUS_INPUT_INTERVAL:
+            self._status_changed()
+        shell.pending_input += data
+        self._flush_input(shell)
+        while len(shell.pending_input) > INPUT_LIMIT and not shell.closed:
+            shell.input_drained.clear()
+            await shell.input_drained.wait()
+
+    def _flush_input(self, shell: Shell) -> None:
+        while shell.pending_input and not shell.closed:
+            try:
+                n = os.write(shell.master, shell.pending_input[:MAX_DATA])
+            except BlockingIOError:
+                self.loop.add_writer(shell.master, self._on_writable, shell)
+                return
+            except OSError:
+                shell.pending_input.clear()
+                break
+            del shell.pending_input[:n]
+        shell.input_drained.set()
+
+    def _on_writable(self, shell: Shell) -> None:
+        self.loop.remove_writer(shell.master)
+        self._flush_input(shell)
+
+    def hangup(self, shell: Shell, why: str) -> None:
+        """SIGHUP to the shell's process group (an interactive bash passes it on to its
+        jobs), SIGKILL if it is still there :data:`HANGUP_KILL_AFTER` seconds later."""
+        log("hangup", shell=shell.id, why=why)
+        self._signal(shell, signal.SIGHUP)
+        self.loop.call_later(HANGUP_KILL_AFTER, lambda: None if shell.exited else self._signal(shell, signal.SIGKILL))
+
+    @staticmethod
+    def _signal(shell: Shell, signum: int) -> None:
+        try:
+            os.killpg(shell.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _reap(self) -> None:
+        for shell in list(self.shells.values()):
+            if shell.exited:
+                continue
+            try:
+                pid, wait_status = os.waitpid(shell.pid, os.WNOHANG)
+            except ChildProcessError:
+                pid, wait_status = shell.pid, 0
+            if pid:
+                shell.exited = True
+                code = os.waitstatus_to_exitcode(wait_status) if hasattr(os, "waitstatus_to_exitcode") \
+                    else (wait_status >> 8)
+                asyncio.ensure_future(self._finish(shell, 128 - code if code < 0 else code))
+
+    async def _finish(self, shell: Shell, status: int) -> None:
+        """The shell exited: pass on what it wrote last, then its exit status, to everyone attached."""
+        while True:
+            try:
+                data = os.read(shell.master, MAX_DATA)
+            except OSError:
+                break
+            if not data:
+                break
+            self._deliver(shell, data)
+        self._stop_reading(shell)
+        try:
+            self.loop.remove_writer(shell.master)
+        except (ValueError, OSError):
+            pass
+        shell.closed = True
+        shell.input_drained.set()
+        for conn in [shell.writer, *shell.observers]:
+            if conn is not None:
+                try:
+                    await conn.send({"type": "exit", "status": status})
+                except (ConnectionError, OSError):
+                    pass
+                conn.writer.close()
+        os.close(shell.master)
+        self.shells.pop(shell.id, None)
+        log("shell_exited", shell=shell.id, status=status)
+        self._status_changed()
+
+    # ------------------------------------------------------------ status for the broker
+
+    def status(self) -> dict:
+        live = [s for s in self.shells.values() if not s.closed]
+        return {"v": 1, "pid": os.getpid(), "started": round(self.started, 3), "time": round(time.time(), 3),
+                "shells": len(live), "writers": sum(1 for s in live if s.writer is not None),
+                "observers": sum(len(s.observers) for s in live),
+                "detached": sum(1 for s in live if s.writer is None and s.detached_at is not None),
+                "last_input": round(self.last_input, 3), "last_attach": round(self.last_attach, 3)}
+
+    def _status_changed(self) -> None:
+        if self.status_timer is None:
+            self.status_timer = self.loop.call_later(0.1, self._write_status)
+
+    def _write_status(self) -> None:
+        self.status_timer = None
+        self.status_written = time.time()
+        if not self.status_path:
+            return
+        directory, name = os.path.split(self.status_path)
+        staging = os.path.join(directory, f".{name}.tmp")
+        try:
+            fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(json.dumps(self.status()) + "\n")
+            os.replace(staging, self.status_path)
+        except OSError as exc:
+            log("status_unwritable", path=self.status_path, error=exc.strerror or str(exc))
+
+    # ------------------------------------------------------------ walltime warnings
+
+    async def _walltime_loop(self) -> None:
+        """Warn attached terminals before the allocation's end (``squeue %e``, re-read every
+        5 minutes, every minute near a mark: an admin may change the limit). A mark passed
+        with nobody attached is shown to the next writer that attaches."""
+        if not self.walltime_marks or not self.job_id:
+            return
+        sent: set[int] = set()
+        end: float | None = None
+        next_query = 0.0
+        while True:
+            now = time.time()
+            if now >= next_query:
+                end = await self._job_end()
+                near = end is not None and end - now <= self.walltime_marks[0] + 120
+                next_query = now + (60 if near else 300)
+            if end is not None:
+                left = max(0.0, end - now)
+                due = [m for m in self.walltime_marks if left <= m and m not in sent]
+                if due:
+                    sent.update(due)
+                    self._warn_walltime(min(due), left)
+            await asyncio.sleep(5)
+
+    async def _job_end(self) -> float | None:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                "squeue", "--noheader", f"--jobs={self.job_id}", "--format=%e",
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL)
+            out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        except (OSError, asyncio.TimeoutError):
+            return None
+        text = out.decode(errors="replace").strip()
+        try:
+            return time.mktime(time.strptime(text, "%Y-%m-%dT%H:%M:%S"))
+        except ValueError:
+            return None  # no limit (or no answer): nothing to warn about
+
+    def _warn_walltime(self, mark: int, left: float) -> None:
+        seconds = int(left)
+        when = f"{seconds // 60} minutes" if seconds >= 120 else f"{seconds} seconds"
+        text = (f"\r\n\x07*** sbroker: this session's SLURM allocation ends in {when} (walltime). "
+                f"Save your work; the shell and everything running in it will be stopped. ***\r\n")
+        delivered = 0
+        for shell in self.shells.values():
+            if shell.writer is not None or shell.observers:
+                self._deliver(shell, text.encode())
+                delivered += 1
+        if not delivered:
+            self.unread_notices = [text]
+        log("walltime_warning", mark=mark, seconds_left=seconds, delivered=delivered)
+
+
+# --------------------------------------------------------------------------- attach (client)
+
+class _RawTTY:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.saved: list | None = None
+
+    def __enter__(self) -> _RawTTY:
+        if os.isatty(self.fd):
+            self.saved = termios.tcgetattr(self.fd)
+            tty.setraw(self.fd, termios.TCSANOW)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.saved is not None:
+            try:
+                termios.tcsetattr(self.fd, termios.TCSAFLUSH, self.saved)
+            except termios.error:
+                pass
+            self.saved = None
+
+
+def _private_dir(directory: str) -> str | None:
+    """Why ``directory`` is not this user's private agent directory, or None."""
+    try:
+        st = os.lstat(directory)
+    except OSError as exc:
+        return f"{directory}: {exc.strerror}"
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        return f"{directory} is not a private directory of uid {os.getuid()}"
+    return None
+
+
+def connect(directory: str) -> socket.socket:
+    """A connection to the agent of ``directory``, checked to be this user's own."""
+    problem = _private_dir(directory)
+    if problem:
+        raise OSError(problem)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(os.path.join(directory, SOCKET_NAME))
+        if peer_uid(sock) != os.getuid():
+            raise OSError("the agent socket is not served by this user")
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _frames(buffer: bytearray) -> list[tuple[bytes, bytes]]:
+    out = []
+    while len(buffer) >= HEADER.size:
+        kind, length = parse_header(bytes(buffer[:HEADER.size]))
+        if len(buffer) < HEADER.size + length:
+            break
+        out.append((kind, bytes(buffer[HEADER.size:HEADER.size + length])))
+        del buffer[:HEADER.size + length]
+    return out
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:  # someone made the terminal non-blocking: wait until it drains
+            with selectors.DefaultSelector() as sel:
+                sel.register(fd, selectors.EVENT_WRITE)
+                sel.select(1.0)
+
+
+def attach_main(mode: str, argv: list[str], announce: str = "") -> int:
+    """Connect this terminal to a shell of the agent; return the shell's exit status."""
+    directory = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sock = connect(directory)
+    except OSError as exc:
+        sys.stderr.write(f"sbroker: the session agent is not answering ({exc}); the session may be ending\r\n")
+        return EXIT_LOST
+    stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
+    os.set_blocking(stdout, True)
+    rows, cols = window_size(stdin if os.isatty(stdin) else stdout)
+    request = {"op": "attach", "mode": mode, "rows": rows, "cols": cols,
+               "term": os.environ.get("TERM", "xterm-256color")[:64], "argv": argv}
+    if announce:
+        request["announce"] = announce
+    sock.sendall(encode_json(request))
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    stop = {"signal": 0}
+
+    def on_signal(signum: int, frame: object) -> None:
+        if signum != signal.SIGWINCH:
+            stop["signal"] = signum
+        try:
+            os.write(wake_w, b"W" if signum == signal.SIGWINCH else b"S")
+        except OSError:
+            pass
+
+    for signum in (signal.SIGWINCH, signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        signal.signal(signum, on_signal)
+    sel = selectors.DefaultSelector()
+    sel.register(sock, selectors.EVENT_READ, "sock")
+    sel.register(wake_r, selectors.EVENT_READ, "wake")
+    try:
+        sel.register(stdin, selectors.EVENT_READ, "stdin")
+    except (PermissionError, ValueError):
+        pass
+    buffer = bytearray()
+    with _RawTTY(stdin):
+        while True:
+            for key, _ in sel.select():
+                if key.data == "stdin":
+                    data = os.read(stdin, MAX_DATA)
+                    if not data:
+                        sel.unregister(stdin)
+                    elif mode == "write":
+                        sock.sendall(encode(KIND_INPUT, data))
+                    elif b"\x03" in data:  # an observer leaves with ^C
+                        return 130
+                elif key.data == "wake":
+                    signals = os.read(wake_r, 64)
+                    if b"S" in signals:
+                        return 128 + stop["signal"]
+                    rows, cols = window_size(stdin if os.isatty(stdin) else stdout)
+                    sock.sendall(encode_json({"type": "resize", "rows": rows, "cols": cols}))
+                else:
+                    chunk = sock.recv(1 << 18)
+                    if not chunk:
+                        sys.stderr.write("\r\nsbroker: the session agent closed the connection\r\n")
+                        return EXIT_LOST
+                    buffer += chunk
+                    output: list[bytes] = []
+                    for kind, payload in _frames(buffer):
+                        if kind == KIND_OUTPUT:
+                            output.append(payload)
+                            continue
+                        if output:
+                            _write_all(stdout, b"".join(output))
+                            output = []
+                        message = json.loads(payload.decode())
+                        if message.get("type") == "exit":
+                            return int(message.get("status", EXIT_LOST))
+                        if message.get("type") == "error":
+                            sys.stderr.write(f"sbroker: {message.get('message')}\r\n")
+                            return 1
+                    if output:
+                        _write_all(stdout, b"".join(output))
+
+
+def status_main() -> int:
+    directory = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sock = connect(directory)
+        sock.sendall(encode_json({"op": "status"}))
+        buffer = bytearray()
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return 1
+            buffer += chunk
+            for kind, payload in _frames(buffer):
+                sys.stdout.write(payload.decode() + "\n")
+                return 0
+    except OSError as exc:
+        sys.stderr.write(f"sbroker: the session agent is not answering ({exc})\n")
+        return 1
+
+
+# --------------------------------------------------------------------------- command line
+
+def _options(args: list[str]) -> tuple[dict[str, str], list[str]]:
+    """``--name value`` pairs up to ``--``; the rest is the shell's argv."""
+    opts: dict[str, str] = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest = args[i + 1:]
+            break
+        if not arg.startswith("--") or i + 1 >= len(args):
+            raise SystemExit(f"sbroker agent: bad argument {arg!r}")
+        opts[arg[2:]] = args[i + 1]
+        i += 2
+    return opts, rest
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = args.pop(0) if args else ""
+    opts, rest = _options(args)
+    if command == "serve":
+        marks = tuple(int(m) for m in opts.get("walltime-warnings", "").split(",") if m.strip().isdigit())
+        agent_args = dict(status_path=opts.get("status", ""), grace=float(opts.get("grace", "600")),
+                          scrollback=int(opts.get("scrollback", str(64 * 1024))),
+                          max_shells=int(opts.get("max-shells", "64")),
+                          max_detached=int(opts.get("max-detached", "8")), walltime_marks=marks,
+                          job_id=opts.get("job", ""))
+
+        async def serve() -> int:
+            return await Agent(opts.get("dir") or os.path.dirname(os.path.abspath(__file__)), **agent_args).run()
+        return asyncio.run(serve())
+    if command == "attach":
+        mode = opts.get("mode", "write")
+        if mode not in ("write", "observe"):
+            raise SystemExit("sbroker agent: --mode must be write or observe")
+        return attach_main(mode, rest, opts.get("announce", ""))
+    if command == "status":
+        return status_main()
+    sys.stderr.write("usage: sessionagent.py serve|attach|status [options] [-- argv]\n")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
