@@ -507,8 +507,7 @@ class Agent:
                 pid, wait_status = shell.pid, 0
             if pid:
                 shell.exited = True
-                code = os.waitstatus_to_exitcode(wait_status) if hasattr(os, "waitstatus_to_exitcode") \
-                    else (wait_status >> 8)
+                code = os.waitstatus_to_exitcode(wait_status)
                 asyncio.ensure_future(self._finish(shell, 128 - code if code < 0 else code))
 
     async def _finish(self, shell: Shell, status: int) -> None:
