@@ -179,12 +179,28 @@ def _events(ns: Any) -> int:
 
 
 def _attach(ns: Any) -> int:
+    """One's own session: run the ``srun`` the broker names (straight to the session agent).
+    Someone else's (administrators): the broker runs it as the owner and bridges it here."""
     from . import term
+    from .login import run_exec
 
     if ns.observe and ns.write:
         raise ValueError("--write: cannot be combined with --observe")
-    return term.attach(ns.session, mode="observe" if ns.observe else "write", client=Client(),
-                       write_other=bool(ns.write))
+    mode = "observe" if ns.observe else "write"
+    client = Client()
+    fields: dict[str, Any] = {"session": ns.session, **term.attach_request(mode)}
+    if ns.write:
+        fields["write_other"] = True
+    try:
+        reply = client.request("attach", **fields)
+    except BaseException:
+        client.close()
+        raise
+    if reply.get("type") == "result":
+        client.close()
+        return run_exec(reply["exec"])
+    return term.attach(ns.session, mode=mode, client=client, requested=True, write_other=bool(ns.write),
+                       first=reply)
 
 
 def _reap(ns: Any) -> int:

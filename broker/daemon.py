@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import log as _log
 from . import userfs
+from .agents import Agents
 from .attach import AttachHub
 from .audit import Audit, Rotation
 from .config import Config
@@ -89,6 +90,7 @@ async def _watchdog(notifier: Notifier, manager: Manager, poller: asyncio.Task[N
 
 
 def _load_extensions(manager: Manager, server: Server) -> list[AttachHub | Operations]:
-    """Attach the terminal hub and the operations plane (policies, metrics)."""
-    hub = AttachHub(manager, server)
-    return [hub, Operations(manager, server, hub)]
+    """The way to terminals (agents' status, attach) and the operations plane (policies, metrics)."""
+    agents = Agents(manager)
+    hub = AttachHub(manager, server, agents)
+    return [hub, Operations(manager, server, hub, agents)]

@@ -18,6 +18,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import agentlaunch
 from .config import Config
 from .container import _validate as v
 from .container.apptainer import build_exec_args, build_sbatch_command
@@ -37,6 +38,8 @@ class JobSpec:
     host_user_dir: str
     host_project_dir: str
     job_dir: Path
+    #: Where the session agent writes its status (see :mod:`broker.agentlaunch`).
+    agent_status: Path
 
 
 def check_project(config: Config, project: str) -> str:
@@ -93,10 +96,13 @@ def build(config: Config, user: User, project: str, image: str, image_digest: st
                      for m in config.host_mounts] or None,
         texlive_prefix=config.texlive_prefix,
     )
-    script = render_instance_start_script(with_hostname(exec_args, config.hostname), username, project,
-                                          instance)
-    script_path = jobs_dir(config, username) / f"{instance}.sh"
     shared = job_dir(config, user)
+    status = agentlaunch.status_path(shared, instance)
+    script = render_instance_start_script(with_hostname(exec_args, config.hostname), username, project,
+                                          instance, before_ready=agentlaunch.start_snippet(config, status),
+                                          keepalive=agentlaunch.keepalive_snippet(),
+                                          at_exit=agentlaunch.exit_snippet())
+    script_path = jobs_dir(config, username) / f"{instance}.sh"
     # The toolkit names the output after the script path: give it one in the shared dir.
     argv = build_sbatch_command(
         instance, str(shared / f"{instance}.sh"), slurm_partition=config.partition,
@@ -117,4 +123,5 @@ def build(config: Config, user: User, project: str, image: str, image_digest: st
              "--no-requeue", "--dependency=singleton"]
     sbatch_argv = [f"--job-name={singleton_name(project)}" if a.startswith("--job-name=") else a
                    for a in argv[:-1]] + extra
-    return JobSpec(instance, script, script_path, log, sbatch_argv, host_user_dir, host_project_dir, shared)
+    return JobSpec(instance, script, script_path, log, sbatch_argv, host_user_dir, host_project_dir, shared,
+                   status)

@@ -1,15 +1,19 @@
 """``sbroker login``: sshd's ForceCommand. Find or create the session, then connect.
 
 This runs on every SSH login, so it imports only the standard library,
-:mod:`broker.protocol` and :mod:`broker.client` (and :mod:`broker.term` for
-interactive shells). Routing:
+:mod:`broker.protocol`, :mod:`broker.client` and :mod:`broker.srunexec`. Routing:
 
-* no ``SSH_ORIGINAL_COMMAND`` → an interactive login shell in the instance,
-  pty-bridged through the broker (detach/reattach survive dropped connections);
+* no ``SSH_ORIGINAL_COMMAND`` → an interactive login shell: the broker returns the
+  ``srun --overlap --pty ... agent.py attach`` argv that reaches the session's agent in
+  the allocation (:mod:`broker.agentlaunch`), which holds the shell: a dropped
+  connection, a broker restart or a login through another login node finds it again;
 * a command (``ssh host cmd``, scp, sftp, rsync, editors' remote servers) → the
   broker returns the exact ``srun --overlap ... apptainer exec instance://...``
-  argv and environment, and this process execs it: the streams are the SSH
-  channel itself, binary-safe, and the exit status is the command's.
+  argv and environment.
+
+Either way this process runs that ``srun`` (:func:`broker.srunexec.run_command`): the
+streams are the SSH channel itself, binary-safe, and the exit status is the shell's or
+the command's. The broker carries no byte of it.
 
 The project comes from ``SBROKER_PROJECT`` (``AcceptEnv``), or a leading
 ``@project`` word in the command, else the broker's default.
@@ -136,13 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     project, command = split_project(command, os.environ.get("SBROKER_PROJECT"))
     has_tty = os.isatty(0) and os.isatty(1)
     progress = Progress(sys.stderr)
+    term = os.environ.get("TERM", "")[:64]
     fields: dict[str, object] = {"project": project}
     if command is not None:
-        fields.update(command=command, tty=has_tty, term=os.environ.get("TERM", "")[:64])
-    if command is None:
-        from . import term
-
-        fields["attach"] = term.attach_request()
+        fields.update(command=command, tty=has_tty, term=term)
+    else:
+        fields["attach"] = {"mode": "write", "tty": has_tty, "term": term}
     try:
         client = Client(path, require_root=True)
     except BrokerError as exc:
@@ -156,18 +159,16 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"sbroker: {exc.message}\n")
         return 1
     progress.done()
-    if command is not None:
-        client.close()
-        spec = result["exec"]
-        argv0 = _which(spec["argv"][0], spec["env"].get("PATH", "/usr/bin:/bin"))
-        from .srunexec import run_command
+    client.close()
+    return run_exec(result["exec"])
 
-        return run_command(argv0, spec["argv"], spec["env"])
-    try:
-        return term.attach(result["session"]["id"], client=client, requested=True)
-    except BrokerError as exc:
-        sys.stderr.write(f"sbroker: {exc.message}\n")
-        return 1
+
+def run_exec(spec: dict[str, object]) -> int:
+    """Run the broker's ``{"argv", "env"}`` answer as this user; return its exit status."""
+    from .srunexec import run_command
+
+    argv, env = spec["argv"], spec["env"]
+    return run_command(_which(argv[0], env.get("PATH", "/usr/bin:/bin")), argv, env)
 
 
 def _which(name: str, path: str) -> str:

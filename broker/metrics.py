@@ -38,11 +38,13 @@ REQUEST_TIMEOUT = 5.0
 class LiveCollector:
     """Reads the daemon's live objects at scrape time (a prometheus-client custom collector)."""
 
-    def __init__(self, manager: Any, hub: Any = None, ops: Any = None, owner: Metrics | None = None) -> None:
+    def __init__(self, manager: Any, hub: Any = None, ops: Any = None, owner: Metrics | None = None,
+                 agents: Any = None) -> None:
         self.manager = manager
         self.hub = hub
         self.ops = ops
         self.owner = owner
+        self.agents = agents
 
     def collect(self) -> Iterator[Metric]:
         m = self.manager
@@ -81,10 +83,12 @@ class LiveCollector:
                                   value=m.audit.failures)
 
         if self.hub is not None:
-            yield CounterMetricFamily("sbroker_attaches", "Terminal attaches (write, reattach and observe)",
+            yield CounterMetricFamily("sbroker_attaches", "Terminals handed out to the session agents (logins, sbroker attach)",
                                       value=self.hub.attach_count)
-            attached = sum(1 for sid in list(self.hub.terminals) if self.hub.attached(sid))
-            yield GaugeMetricFamily("sbroker_attached_sessions", "Sessions with at least one attached terminal",
+        if self.agents is not None:
+            attached = self.agents.attached_sessions()
+            yield GaugeMetricFamily("sbroker_attached_sessions", "Sessions whose agent last reported an attached terminal "
+                                    "(status files, read at most every 10 s)",
                                     value=attached)
         if self.ops is not None:
             policy = CounterMetricFamily("sbroker_policy_actions", "Idle warnings, idle ends and walltime "
@@ -128,7 +132,7 @@ def _looplag(lag: Any) -> Iterator[Metric]:
 class Metrics:
     """The registry and the scrape endpoint(s)."""
 
-    def __init__(self, manager: Any, hub: Any = None, ops: Any = None) -> None:
+    def __init__(self, manager: Any, hub: Any = None, ops: Any = None, agents: Any = None) -> None:
         self.manager = manager
         self.config = manager.config
         self.log = _log.get("sbroker.metrics")
@@ -142,7 +146,7 @@ class Metrics:
         self.servers: list[asyncio.base_events.Server] = []
         self.bad_requests = 0
         self.scrapes = 0
-        self.registry.register(LiveCollector(manager, hub, ops, self))
+        self.registry.register(LiveCollector(manager, hub, ops, self, agents))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -14,10 +14,11 @@ Policy, checked every :data:`TICK` seconds for every ready session:
   still idle ``timeouts.idle_grace`` seconds later it is ended cleanly (job
   cancelled, so the start script's trap stops the instance). A session with an
   attacher is never culled; any activity after the warning cancels it.
-* **Walltime** (``timeouts.walltime_warnings``, seconds before the end): when the
-  time left (``squeue %L``, corrected for the age of the last poll) passes a mark,
-  a notice is written into every attached terminal of the session, once per mark.
-  A mark passed while nobody is attached is delivered at the next attach.
+  Terminals and input are the session agent's to know (its status file, read through
+  :class:`broker.agents.Agents`, at most every 10 s); before warning, SLURM is asked
+  whether any step runs in the job (a command through some login node).
+* **Walltime** (``timeouts.walltime_warnings``): the agent warns its terminals itself
+  (it reads the job's end from ``squeue``); the broker carries no terminal to write to.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import time
 from typing import Any
 
 from . import log as _log
+from .agents import Agents
 from .attach import AttachHub
 from .looplag import LoopLag
 from .manager import Manager, SessionError
@@ -35,26 +37,25 @@ from .metrics import Metrics
 from .reaper import Reaper
 from .server import Connection, Server, StartupError
 from .session import Session, State
-from .slurm.parse import parse_duration
 
 TICK = 1.0
 
 
 class Operations:
-    def __init__(self, manager: Manager, server: Server, hub: AttachHub) -> None:
+    def __init__(self, manager: Manager, server: Server, hub: AttachHub, agents: Agents) -> None:
         self.manager = manager
         self.server = server
         self.config = manager.config
         self.hub = hub
+        self.agents = agents
         self.log = _log.get("sbroker.ops")
         self.counts: collections.Counter[str] = collections.Counter()
         self.reaper = Reaper(manager)
         #: The daemon's own event-loop lag, read by the metrics.
         self.looplag = LoopLag()
-        self.metrics = Metrics(manager, hub, self)
+        self.metrics = Metrics(manager, hub, self, agents)
         self._idle_warned: dict[str, float] = {}
         self._seen_attached: dict[str, float] = {}
-        self._walltime_sent: dict[str, set[int]] = {}
         self._reap_lock = asyncio.Lock()
         server.handlers["reap"] = self.op_reap
         server.on_ensured.append(self._observe_ensure)
@@ -80,8 +81,7 @@ class Operations:
     def describe(self, session: Session) -> dict[str, Any]:
         """Policy fields for ``ls``/``show``."""
         warned = self._idle_warned.get(session.id)
-        data: dict[str, Any] = {"idle_warned": warned is not None,
-                                "walltime_warned": sorted(self._walltime_sent.get(session.id, ()))}
+        data: dict[str, Any] = {"idle_warned": warned is not None}
         if warned is not None:
             data["idle_ends_in"] = round(max(0.0, warned + self.config.idle_grace - time.time()), 1)
         return data
@@ -112,27 +112,30 @@ class Operations:
             live.add(session.id)
             if session.state != State.READY:
                 continue
-            attached = bool(self.hub and self.hub.attached(session.id))
+            status = await self.agents.status_of(session)
+            attached = bool(status and status.attachers)
             if attached:
                 self._seen_attached[session.id] = now
-            self._walltime(session, attached, now)
-            await self._idle(session, attached, now)
-        for table in (self._idle_warned, self._seen_attached, self._walltime_sent):
+            await self._idle(session, attached, now, status.last_input if status else 0.0,
+                             status.last_attach if status else 0.0)
+        self.agents.prune(live)
+        for table in (self._idle_warned, self._seen_attached):
             for sid in [sid for sid in table if sid not in live]:
                 del table[sid]
 
-    def _last_active(self, session: Session) -> float:
-        last_input = self.hub.last_input(session.id) if self.hub else 0.0
-        return max(session.last_activity, session.ready_at, last_input, self._seen_attached.get(session.id, 0.0))
+    def _last_active(self, session: Session, *agent_times: float) -> float:
+        return max(session.last_activity, session.ready_at, *agent_times,
+                   self._seen_attached.get(session.id, 0.0))
 
-    async def _idle(self, session: Session, attached: bool, now: float) -> None:
+    async def _idle(self, session: Session, attached: bool, now: float, last_input: float = 0.0,
+                    last_attach: float = 0.0) -> None:
         limit = self.config.idle_timeout
         warned = self._idle_warned.get(session.id)
         if not limit or attached:
             if warned is not None:
                 self._clear_idle(session, "attached")
             return
-        last = self._last_active(session)
+        last = self._last_active(session, min(last_input, now), min(last_attach, now))
         if warned is not None and last > warned:
             self._clear_idle(session, "activity")
             warned = None
@@ -184,30 +187,6 @@ class Operations:
         if notify is not None:
             notify(session, {"type": "notice", "text": text})
 
-    def _walltime(self, session: Session, attached: bool, now: float) -> None:
-        marks = self.config.walltime_warnings
-        left = parse_duration(session.time_left) if session.time_left else None
-        if not marks or left is None:
-            return
-        if self.manager.last_poll:
-            left = max(0.0, left - max(0.0, now - self.manager.last_poll))
-        sent = self._walltime_sent.setdefault(session.id, set())
-        due = [m for m in marks if left <= m and m not in sent]
-        if not due or not attached or self.hub is None:
-            return  # kept until someone is attached to read it
-        mark = min(due)
-        text = (f"\r\n\x07*** sbroker: this session's SLURM allocation ends in {_minutes(left)} (walltime). "
-                f"Save your work; the shell and everything running in it will be stopped. ***\r\n")
-        delivered = self.hub.broadcast(session.id, text)
-        if not delivered:
-            return
-        sent.update(due)
-        self.counts["walltime_warning"] += 1
-        self.manager.audit.record("walltime_warning", user=session.user, project=session.project,
-                                  session=session.id, job_id=session.job_id, mark=mark,
-                                  seconds_left=int(left), delivered=delivered)
-        self.log.info("walltime_warning", session=session.id, user=session.user, job_id=session.job_id,
-                      mark=mark, seconds_left=int(left), delivered=delivered)
 
     # ------------------------------------------------------------------ reaper
 
@@ -234,10 +213,3 @@ class Operations:
                                   dry_run=dry_run)
         report = await self.reap(dry_run=dry_run)
         await conn.send({"type": "result", "report": report})
-
-
-def _minutes(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds >= 120:
-        return f"{seconds // 60} minutes"
-    return f"{seconds} seconds"

@@ -40,6 +40,7 @@ from typing import Any
 import anyio
 
 from . import jobspec, userfs
+from .agentlaunch import STATUS_SUFFIX
 from . import log as _log
 from .container import _validate as v
 from .identity import UnknownUser, User, lookup_name
@@ -273,8 +274,8 @@ class Reaper:
                 directory = jobspec.job_dir(self.config, owner)
             except (UnknownUser, ValueError):
                 continue
-            old = [path for path, mtime in await anyio.to_thread.run_sync(_job_logs, owner, directory)
-                   if mtime < cutoff and path.name[:-4] not in keep]
+            old = [path for path, instance, mtime in await anyio.to_thread.run_sync(_job_logs, owner, directory)
+                   if mtime < cutoff and instance not in keep]
             for path in old:
                 report["old_job_files"].append({"user": name, "path": str(path)})
             if old and not dry_run:
@@ -325,23 +326,25 @@ def _instance_dirs(owner: User, base: Path, name: str) -> list[tuple[str, str, P
     return found
 
 
-def _job_logs(owner: User, directory: Path) -> list[tuple[Path, float]]:
-    """``(path, mtime)`` of the regular ``sb-*.log`` files in a user's job dir, as the user."""
-    out: list[tuple[Path, float]] = []
+def _job_logs(owner: User, directory: Path) -> list[tuple[Path, str, float]]:
+    """``(path, instance, mtime)`` of the regular ``sb-*.log`` files and agent status files
+    (``sb-*.agent.json``, left behind when a job was killed hard) in a user's job dir, as the user."""
+    out: list[tuple[Path, str, float]] = []
     with userfs.identity(owner):
         try:
             entries = list(os.scandir(directory))
         except OSError:
             return out
         for entry in entries[:10000]:
-            if not (entry.name.startswith("sb-") and entry.name.endswith(".log")):
+            suffix = next((s for s in (".log", STATUS_SUFFIX) if entry.name.endswith(s)), "")
+            if not (entry.name.startswith("sb-") and suffix):
                 continue
             try:
                 st = entry.stat(follow_symlinks=False)
             except OSError:
                 continue
             if stat.S_ISREG(st.st_mode):
-                out.append((Path(entry.path), st.st_mtime))
+                out.append((Path(entry.path), entry.name[:-len(suffix)], st.st_mtime))
     return out
 
 

@@ -92,6 +92,11 @@ class Server:
         self.describers: list[Callable[[Session], dict[str, Any]]] = []
         #: Called as ``(session, warm, seconds)`` once an ``ensure`` has a ready session.
         self.on_ensured: list[Callable[[Session, bool, float], None]] = []
+        #: Awaited with the sessions about to be described (``ls``/``show``): fresh agent status.
+        self.refreshers: list[Callable[[list[Session]], Awaitable[None]]] = []
+        #: ``ensure`` with ``attach``: the argv and environment of the login's terminal
+        #: (:class:`broker.attach.AttachHub`).
+        self.attach_exec: Callable[[Connection, Session, dict[str, Any]], Awaitable[dict[str, Any]]] | None = None
 
     async def start(self) -> None:
         sock = bind_unix(Path(self.socket_path), "broker.socket", umask=0o111)
@@ -245,17 +250,23 @@ class Server:
             argv = command_argv(session.job_id, session.instance, session.user, session.project, command,
                                 tty=tty, term=term)
             reply["exec"] = {"argv": argv, "env": self.manager.runner.env(conn.user, {"TERM": safe_term(term)})}
+        elif attach is not None:  # interactive login: the argv of its terminal, in the same reply
+            if self.attach_exec is None:
+                raise SessionError("unsupported", "attach: this broker has no terminal support loaded")
+            reply["exec"] = await self.attach_exec(conn, session, attach)
         await conn.send(reply)
-        if attach is not None:  # interactive login: attach on this connection, no second round trip
-            await self.handlers["attach"](conn, {**attach, "session": session.id})
 
     async def op_list(self, conn: Connection, message: dict[str, Any]) -> None:
         await self.manager.discover()  # sessions other login nodes started (one shared scan)
         sessions = self.manager.visible(conn.user, conn.admin)
+        for refresh in self.refreshers:
+            await refresh(sessions)
         await conn.send({"type": "result", "sessions": [self.describe(s, conn) for s in sessions]})
 
     async def op_show(self, conn: Connection, message: dict[str, Any]) -> None:
         session = await self.manager.find(self.ref_of(message), conn.user, conn.admin)
+        for refresh in self.refreshers:
+            await refresh([session])
         data = self.describe(session, conn, full=True)
         data["log_tail"] = (await self.read_log(session, -1, 4096))[0].decode(errors="replace")
         await conn.send({"type": "result", "session": data})

@@ -42,11 +42,20 @@ def _identity(user: str, project: str, term: str) -> list[str]:
     return out
 
 
-def shell_argv(job_id: str, instance: str, user: str, project: str, term: str | None) -> list[str]:
-    """Interactive login shell under ``srun --pty`` (the broker owns the local pty)."""
-    return ["srun", "--overlap", "--pty", f"--jobid={validate_job_id(job_id)}",
-            "apptainer", "exec", *_identity(user, project, term or ""),
+def instance_shell_argv(instance: str, user: str, project: str, term: str | None) -> list[str]:
+    """The interactive login shell in the instance, as the session agent spawns it under its pty."""
+    return ["apptainer", "exec", *_identity(user, project, term or ""),
             f"instance://{validate_instance_name(instance)}", "/bin/bash", "-c", SHELL_ENTRY_SNIPPET]
+
+
+def shell_argv(job_id: str, instance: str, user: str, project: str, term: str | None) -> list[str]:
+    """The same shell under a bare ``srun --pty``: what a user would type by hand.
+
+    Not a login path (those go through the agent, :func:`broker.agentlaunch.attach_argv`);
+    the benchmarks' baseline for what the agent adds.
+    """
+    return ["srun", "--overlap", "--pty", f"--jobid={validate_job_id(job_id)}",
+            *instance_shell_argv(instance, user, project, term)]
 
 
 def command_argv(job_id: str, instance: str, user: str, project: str, command: str, *,

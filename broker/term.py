@@ -65,17 +65,20 @@ def attach_request(mode: str = "write") -> dict[str, object]:
     """The attach parameters of this terminal (mode, window size, TERM)."""
     stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
     rows, cols = window_size(stdin if os.isatty(stdin) else stdout)
-    return {"mode": mode, "rows": rows, "cols": cols, "term": os.environ.get("TERM", "xterm-256color")[:64]}
+    return {"mode": mode, "rows": rows, "cols": cols, "term": os.environ.get("TERM", "xterm-256color")[:64],
+            "tty": os.isatty(stdin) and os.isatty(stdout)}
 
 
 def attach(session: str, *, mode: str = "write", client: Client | None = None, requested: bool = False,
-           write_other: bool = False) -> int:
-    """Attach this process's terminal to a session's shell; return the shell's exit status.
+           write_other: bool = False, first: dict[str, object] | None = None) -> int:
+    """Attach this process's terminal to a session's shell bridged by the broker; return its exit status.
 
-    ``requested`` means the attach was already asked for on ``client`` (``sbroker login``
-    sends it with its ``ensure``, saving a connection and a round trip on every login).
-    ``write_other`` asks to type into someone else's shell (admins; audited); without it
-    the broker answers such an attach as ``observe`` and this side then stops sending keys.
+    The broker bridges only an administrator's attach to someone else's session (the
+    owner's own terminals reach the session agent directly, :mod:`broker.attach`).
+    ``requested`` means the attach was already sent on ``client``, and ``first`` is the
+    broker's ``attached`` reply when it has been read. ``write_other`` asks to type into
+    someone else's shell (audited); without it the broker answers with ``observe`` and
+    this side then stops sending keys.
     """
     stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
     os.set_blocking(stdout, True)  # blocking writes are the backpressure
@@ -127,7 +130,9 @@ def attach(session: str, *, mode: str = "write", client: Client | None = None, r
     wake_targets = {key.data for key in sel.get_map().values()}
     try:
         with raw:
-            # Frames that arrived with the ensure reply are already buffered in the client.
+            if first is not None:
+                on_control(first)
+            # Frames that arrived with the reply are already buffered in the client.
             status = _handle_frames(client.take_pending(), stdout, on_control)
             if status is not None:
                 return status

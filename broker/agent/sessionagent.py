@@ -543,7 +543,8 @@ class Agent:
 
     def status(self) -> dict:
         live = [s for s in self.shells.values() if not s.closed]
-        return {"v": 1, "pid": os.getpid(), "started": round(self.started, 3), "time": round(time.time(), 3),
+        return {"v": 1, "pid": os.getpid(), "dir": self.directory, "python": sys.executable,
+                "started": round(self.started, 3), "time": round(time.time(), 3),
                 "shells": len(live), "writers": sum(1 for s in live if s.writer is not None),
                 "observers": sum(len(s.observers) for s in live),
                 "detached": sum(1 for s in live if s.writer is None and s.detached_at is not None),

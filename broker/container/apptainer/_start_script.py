@@ -34,6 +34,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import textwrap
 from typing import Any, Sequence
 
 from .._validate import validate_instance_name
@@ -113,6 +114,7 @@ on_exit() {
     trap '' TERM INT HUP
     # A signal can land between 'sleep &' and 'sleep_pid=$!': kill every background job.
     for pid in $sleep_pid $(jobs -p); do kill "$pid" 2>/dev/null; done
+@AT_EXIT@
     if [ "$ready" = 0 ] && [ "$failed" = 0 ]; then
         failed=1
         printf 'INSTANCE_FAILED: %s\n' "${exit_reason:-start script ended with status $status before the instance was ready}"
@@ -164,6 +166,7 @@ until instance_listed; do
     fi
     pause 1
 done
+@BEFORE_READY@
 ready=1
 echo INSTANCE_READY
 
@@ -171,6 +174,7 @@ echo INSTANCE_READY
 failures=0
 while :; do
     pause "$POLL_SECONDS"
+@KEEPALIVE@
     instance_listed
     case $? in
         0) failures=0 ;;
@@ -215,9 +219,16 @@ def build_instance_start_script(
 
 
 def render_instance_start_script(exec_args: Sequence[str], username: str, project_slug: str,
-                                 instance_name: str) -> str:
+                                 instance_name: str, *, before_ready: str = "", keepalive: str = "",
+                                 at_exit: str = "") -> str:
     """The start script for an ``apptainer exec`` argv already built (and perhaps adjusted,
-    e.g. by :func:`~._builders.with_hostname`); the image is its last word."""
+    e.g. by :func:`~._builders.with_hostname`); the image is its last word.
+
+    ``before_ready``, ``keepalive`` and ``at_exit`` are bash inserted, as given, after the
+    instance is listed and before ``INSTANCE_READY``, in each keep-alive round, and in the
+    exit trap: the broker starts its session agent there (:mod:`broker.agentlaunch`). They
+    may call ``fail REASON``, which keeps the marker contract.
+    """
     name = validate_instance_name(instance_name)
     values = {
         "@INSTANCE@": shlex.quote(name),
@@ -227,6 +238,9 @@ def render_instance_start_script(exec_args: Sequence[str], username: str, projec
         "@MAX_LIST_FAILURES@": str(MAX_LIST_FAILURES),
         "@READY_CHECKS@": str(READY_CHECKS),
         "@FLAGS@": " ".join(shlex.quote(flag) for flag in instance_flags(exec_args)),
+        "@BEFORE_READY@": before_ready.rstrip("\n"),
+        "@KEEPALIVE@": textwrap.indent(keepalive.rstrip("\n"), "    "),
+        "@AT_EXIT@": textwrap.indent(at_exit.rstrip("\n"), "    "),
     }
     # One pass, so a value that happens to contain "@FLAGS@" is never expanded again.
     return _PLACEHOLDER.sub(lambda match: values[match.group(0)], _TEMPLATE)

@@ -1,0 +1,152 @@
+"""How a session's agent is started in its job and reached from a login node (pure builders).
+
+The agent (:mod:`broker.agent.sessionagent`) runs as the user in the session job's batch
+step, beside the instance: the batch step is the one step that lives as long as the job
+without a client on a login node, so a broker restart, an upgrade or a lost login node
+does not end it. The one requirement this makes on compute nodes is ``python3`` >= 3.9 on
+the job's ``PATH`` (stated in ``docs/admin.md``); the first session on a node without it
+fails in one line: ``INSTANCE_FAILED: the session agent needs python3 >= 3.9 ...``.
+
+* :func:`start_snippet` (bash, run by the start script after the instance is listed and
+  before ``INSTANCE_READY``): writes the agent into a private ``mktemp -d`` directory on the
+  node, starts ``serve`` and waits (bounded) until it accepts and has written its status
+  file, whose ``dir`` field tells the broker where it is.
+* :func:`keepalive_snippet`: the job fails (``INSTANCE_FAILED``) when the agent is gone:
+  a session whose shells cannot be reached must not keep taking logins.
+* :func:`attach_argv`: what ``sbroker login`` runs to reach a shell:
+  ``srun --overlap --pty --jobid=J python3 -I -S DIR/agent.py attach -- <shell argv>``.
+
+Everything here is computed from server-side config, validated ids and the status file's
+``dir``/``python``, which are the user's word and only ever used in argv the user's own
+``srun`` runs in the user's own job.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import shlex
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import Config
+from .container._validate import validate_instance_name, validate_job_id
+
+AGENT_FILE = "agent.py"
+STATUS_SUFFIX = ".agent.json"
+MIN_PYTHON = (3, 9)
+#: How long the start script waits for a started agent to accept (tenths of a second).
+START_WAIT_TENTHS = 100
+#: A path the status file may name for the agent's directory or python: absolute, plain
+#: characters only (it becomes an argv word; it never reaches a shell on the login node).
+_PATH_RE = re.compile(r"^/[A-Za-z0-9._/+-]{1,255}$")
+_HEREDOC_END = "SBROKER_AGENT_SOURCE_END"
+
+
+@functools.lru_cache(maxsize=1)
+def agent_source() -> str:
+    """The agent's source, embedded in every start script (read once per daemon)."""
+    text = (Path(__file__).parent / "agent" / "sessionagent.py").read_text()
+    if any(line.strip() == _HEREDOC_END for line in text.splitlines()):
+        raise RuntimeError(f"broker/agent/sessionagent.py must not contain a line {_HEREDOC_END}")
+    return text
+
+
+def status_path(job_dir: Path, instance: str) -> Path:
+    """Where the agent of ``instance`` writes its status (``slurm.job_dir``, shared storage)."""
+    return job_dir / f"{validate_instance_name(instance)}{STATUS_SUFFIX}"
+
+
+def safe_path(value: object) -> str | None:
+    """``value`` if it is a plain absolute path (see :data:`_PATH_RE`), else None."""
+    if isinstance(value, str) and _PATH_RE.fullmatch(value) and "/../" not in value + "/":
+        return value
+    return None
+
+
+def serve_argv(config: Config, status: Path) -> list[str]:
+    """The agent's ``serve`` options from the broker's config (job id added by the script)."""
+    return ["--status", str(status), "--grace", f"{config.detach_grace:g}",
+            "--scrollback", str(config.scrollback_bytes), "--max-shells", str(config.limit_shells),
+            "--max-detached", str(config.limit_detached),
+            "--walltime-warnings", ",".join(str(m) for m in config.walltime_warnings)]
+
+
+def start_snippet(config: Config, status: Path) -> str:
+    """Bash for the start script (see the module docstring); uses its ``fail`` function."""
+    q = shlex.quote
+    minimum = ".".join(map(str, MIN_PYTHON))
+    options = " ".join(q(a) for a in serve_argv(config, status))
+    return f"""\
+# The session agent holds the shells' ptys in this batch step (see broker.agentlaunch).
+agent_status={q(str(status))}
+agent_python=$(command -v python3 2>/dev/null)
+if [ -z "$agent_python" ] || ! "$agent_python" -c 'import sys; sys.exit(sys.version_info < {MIN_PYTHON!r})' \
+        </dev/null >/dev/null 2>&1; then
+    fail "the session agent needs python3 >= {minimum} on the PATH of compute node $(hostname -s 2>/dev/null) \
+(found: ${{agent_python:-no python3}} $("${{agent_python:-false}}" -V 2>&1 </dev/null))"
+fi
+agent_dir=$(mktemp -d "${{TMPDIR:-/tmp}}/sbroker-agent.XXXXXXXX") \
+    || fail "cannot create the session agent's directory in ${{TMPDIR:-/tmp}} on $(hostname -s 2>/dev/null)"
+cat >"$agent_dir/{AGENT_FILE}" <<'{_HEREDOC_END}'
+{agent_source().rstrip()}
+{_HEREDOC_END}
+rm -f "$agent_status"
+"$agent_python" -I -S "$agent_dir/{AGENT_FILE}" serve --dir "$agent_dir" {options} --job "${{SLURM_JOB_ID:-}}" \
+    </dev/null >/dev/null &
+agent_pid=$!
+agent_waited=0
+until [ -S "$agent_dir/agent.sock" ] && [ -s "$agent_status" ]; do
+    kill -0 "$agent_pid" 2>/dev/null || fail "the session agent exited at start (its error is in this job's log)"
+    agent_waited=$((agent_waited + 1))
+    if [ "$agent_waited" -ge {START_WAIT_TENTHS} ]; then
+        fail "the session agent did not start within {START_WAIT_TENTHS // 10}s"
+    fi
+    sleep 0.1
+done
+"""
+
+
+def keepalive_snippet() -> str:
+    """Bash for each keep-alive round: a job whose agent died fails (its shells died with it)."""
+    return """\
+if [ -n "${agent_pid:-}" ] && ! kill -0 "$agent_pid" 2>/dev/null; then
+    agent_pid=
+    fail "the session agent ended; its shells are gone (see this job's log)"
+fi
+"""
+
+
+def exit_snippet() -> str:
+    """Bash for the start script's exit trap: let the agent hang up its shells, then clean up."""
+    return """\
+if [ -n "${agent_pid:-}" ]; then
+    kill "$agent_pid" 2>/dev/null
+    wait "$agent_pid" 2>/dev/null
+fi
+if [ -n "${agent_dir:-}" ]; then rm -rf -- "$agent_dir"; fi
+if [ -n "${agent_status:-}" ]; then rm -f -- "$agent_status"; fi
+"""
+
+
+def attach_argv(job_id: str, agent_dir: str, python: str, shell: Sequence[str], *, mode: str = "write",
+                tty: bool = True, announce: str = "") -> list[str]:
+    """``srun`` into the job, to the agent's ``attach``: a terminal on a shell of the session.
+
+    ``--pty`` when the login has a terminal (the agent's own pty holds the shell either way);
+    ``--unbuffered`` otherwise, so keys and output are not held back by line.
+    """
+    directory, interpreter = safe_path(agent_dir), safe_path(python)
+    if directory is None or interpreter is None:
+        raise ValueError("agent: the session's status file names no usable agent directory or python")
+    if mode not in ("write", "observe"):
+        raise ValueError("mode: must be write or observe")
+    argv = ["srun", "--overlap", "--pty" if tty else "--unbuffered", f"--jobid={validate_job_id(job_id)}",
+            "--ntasks=1", interpreter, "-I", "-S", f"{directory}/{AGENT_FILE}", "attach", "--mode", mode]
+    if announce:
+        argv += ["--announce", announce]
+    return [*argv, "--", *shell]
+
+
+__all__ = ["AGENT_FILE", "STATUS_SUFFIX", "agent_source", "attach_argv", "exit_snippet", "keepalive_snippet",
+           "safe_path", "serve_argv", "start_snippet", "status_path"]
