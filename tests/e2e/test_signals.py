@@ -1,9 +1,12 @@
 """Signals sent to an attached client (not keys typed into it): ``kill -INT`` of ``sbroker attach``.
 
-In raw mode ^C is a byte for the remote terminal. A SIGINT that reaches the client itself
-(``kill``, or a terminal that is not in raw mode) is passed on by a writer as a ``signal``
-message, which the broker turns into the key that raises it in the shell's own pty; an
-observer that is interrupted stops observing. Neither prints a traceback or loses the shell.
+The owner's terminal is ``srun --pty`` to the session agent, with the local tty in raw
+mode: ^C is a byte that reaches the shell's own pty, which interrupts the foreground job.
+A SIGINT that reaches the client process itself is ignored (passed to ``srun`` it would
+print the step's status, and a second one would cancel the step, i.e. detach): the shell
+and the terminal carry on. An administrator's bridge (observe, or ``--write``) passes a
+writer's SIGINT on as a ``signal`` message, which becomes the key in the shell's terminal;
+an interrupted observer stops observing. None prints a traceback or loses the shell.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def client_pid(child: pexpect.spawn) -> int:
     return int(wait_for(find, 10, "the attach client's pid"))
 
 
-def test_sigint_to_a_writer_interrupts_the_foreground_job_only(broker):
+def test_sigint_to_the_owners_client_is_ignored_and_ctrl_c_interrupts_the_foreground_job(broker):
     ensure_as(ALICE, "default")
     child = spawn_attach(ALICE, f"{ALICE}/default")
     try:
@@ -48,6 +51,7 @@ def test_sigint_to_a_writer_interrupts_the_foreground_job_only(broker):
         child.send(b"sleep 300\r")
         time.sleep(1.0)  # sleep is the foreground job
         subprocess.run(["kill", "-INT", str(client_pid(child))], check=True)
+        child.send(b"\x03")  # the key, through srun and the agent, into the shell's pty
         child.expect(PROMPT_RE, timeout=10)  # long before sleep's 300 s
         child.send(b"echo sleep-rc=$?\r")
         child.expect(rb"sleep-rc=130")
@@ -87,9 +91,32 @@ def test_sigint_to_an_observer_ends_observing_cleanly(broker):
         writer.close(force=True)
 
 
+def test_sigint_to_an_admin_writer_interrupts_the_foreground_job_only(broker):
+    ensure_as(ALICE, "default")
+    admin = spawn_attach(tb.ADMIN, "--write", f"{ALICE}/default")
+    try:
+        admin.expect(rb"administrator \S+ is typing into this session")
+        admin.send(f"PS1='{PROMPT}'; PROMPT_COMMAND=\r".encode())
+        admin.expect(PROMPT_RE)
+        admin.send(b"sleep 300\r")
+        time.sleep(1.0)  # sleep is the foreground job
+        subprocess.run(["kill", "-INT", str(client_pid(admin))], check=True)
+        admin.expect(PROMPT_RE, timeout=10)  # long before sleep's 300 s
+        admin.send(b"echo sleep-rc=$?\r")
+        admin.expect(rb"sleep-rc=130")
+        admin.send(b"exit 4\r")
+        admin.expect(pexpect.EOF)
+        admin.wait()
+        assert admin.exitstatus == 4
+        assert b"Traceback" not in admin.before
+    finally:
+        admin.close(force=True)
+
+
 def test_unknown_signal_is_one_clear_error_and_the_shell_survives(broker):
     session = ensure_as(ALICE, "default")["session"]
-    # As alice, over the raw protocol: attach, then a signal the broker does not pass on.
+    # As the administrator, over the raw protocol: a bridged attach (typing, so signals are
+    # passed on), then a signal the broker does not pass on.
     code = """import json, sys
 sys.path.insert(0, sys.argv[1])
 from broker.client import Client
@@ -101,13 +128,13 @@ def next_json(c):
             return json.loads(payload)
 
 c = Client(sys.argv[2])
-c.send({"v": 1, "op": "attach", "session": sys.argv[3], "rows": 24, "cols": 80})
+c.send({"v": 1, "op": "attach", "session": sys.argv[3], "rows": 24, "cols": 80, "write_other": True})
 while next_json(c)["type"] != "attached":
     pass
 c.send({"type": "signal", "signal": "KILL"})
 print(json.dumps(next_json(c)))
 """
-    out = subprocess.run(["runuser", "-u", ALICE, "--", "/usr/bin/python3", "-c", code, str(tb.REPO), SOCKET,
+    out = subprocess.run(["runuser", "-u", tb.ADMIN, "--", "/usr/bin/python3", "-c", code, str(tb.REPO), SOCKET,
                           session["id"]], capture_output=True, text=True, timeout=60, cwd="/")
     assert out.returncode == 0, out.stderr
     reply = json.loads(out.stdout)
