@@ -50,6 +50,8 @@ class Progress:
 
     def __call__(self, event: dict[str, object]) -> None:
         state = event.get("state", "")
+        if state == "failed":
+            return  # the error reply that follows says it, in one line
         text = state
         if event.get("pending_reason") not in (None, "", "None") and state in ("pending", "submitted"):
             text += f" (reason: {event['pending_reason']}"
