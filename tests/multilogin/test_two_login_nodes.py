@@ -16,6 +16,7 @@ import threading
 import pexpect
 import pytest
 
+from broker.agents import MAX_AGE as AGENT_STATUS_MAX_AGE
 from tests.cluster import config as tb
 from tests.integration.conftest import ensure_as, jobs_of, sbroker, sbroker_json
 from tests.integration.daemon import LOG_PATH, BrokerProcess, reset_state
@@ -114,24 +115,46 @@ def test_fifty_first_logins_over_both_login_nodes_make_one_allocation(two_broker
 
 
 def test_login1s_reaper_and_idle_policy_leave_login2s_live_session_alone(two_brokers):
-    """login1 culls after 4 s idle (+2 s grace); alice works through login2 only."""
+    """login1 culls after 4 s idle (+2 s grace); alice works through login2 only.
+
+    Since issue 15 the shell lives in the session's agent, in the allocation: login1 learns
+    that alice is attached from the agent's status file in the shared job dir (as it would
+    for a login through itself), not from a terminal it carries. An idle session of bob's,
+    started through login1 after it adopted alice's, is the control: once login1 has warned
+    and ended it, its policy has looked at alice's session past idle + grace as well.
+    """
     shell = pexpect.spawn("ssh", ["-tt", "-o", "SendEnv=SBROKER_PROJECT", *tb.ssh_command(ALICE, port=tb.LOGIN2_SSH_PORT)[1:]],
                           env={"PATH": "/usr/bin:/bin", "TERM": "xterm", "SBROKER_PROJECT": "remote"},
                           timeout=60, dimensions=(24, 100))
     try:
         shell.expect(rb"\$ ")
-        job = json.loads(sbroker2(ALICE, "show", "remote", "--json").stdout)["job_id"]
-        listed = json.loads(sbroker(tb.ADMIN, "ls", "--json").stdout)   # login1 adopts it
-        assert [s["job_id"] for s in listed if s["project"] == "remote"] == [job]
-        offset = LOG_PATH.stat().st_size
-        # login1's idle policy reaches the session (idle there since adoption) and defers: a
-        # shell runs in the job, attached through login2. Twice, to be past the grace too.
-        wait_for(lambda: LOG_PATH.read_bytes()[offset:].count(b'"event": "idle_deferred"') >= 2, 30,
-                 "login1's idle policy to look at the session twice")
+        session = json.loads(sbroker2(ALICE, "show", "remote", "--json").stdout)
+        job = session["job_id"]
+
+        def remote_on_login1() -> list[dict]:
+            return [s for s in json.loads(sbroker(tb.ADMIN, "ls", "--json").stdout) if s["project"] == "remote"]
+
+        assert [s["job_id"] for s in remote_on_login1()] == [job]   # login1 adopts it
+        seen = wait_for(lambda: [s for s in remote_on_login1() if s["attachers"] == 1], AGENT_STATUS_MAX_AGE + 5,
+                        "login1 to read alice's attached terminal from her agent's status file")
+        assert seen[0]["shells"] == 1 and seen[0]["idle_warned"] is False
+        # The control: bob's session through login1, nobody attached, is warned and ended.
+        control = ensure_as(BOB, "control")["session"]
+        wait_for(lambda: events_of(control["id"], "kill"), 60, "login1 to end bob's idle control session")
+        assert events_of(control["id"], "idle_warning")
+        for kind in ("idle_warning", "kill"):
+            assert not events_of(session["id"], kind), kind
         report = json.loads(sbroker(tb.ADMIN, "reap", "--json").stdout)
         assert job not in [j["job_id"] for j in report["orphan_jobs"]]
         assert [j["job_id"] for j in jobs_of(ALICE)] == [job]
+        assert [s["state"] for s in remote_on_login1()] == ["ready"]
         shell.sendline("echo still-$((6*7))")
         shell.expect("still-42")
     finally:
         shell.close(force=True)
+
+
+def events_of(session_id: str, kind: str) -> list[dict]:
+    """login1's audit events of ``kind`` for the session, as its administrator reads them."""
+    lines = sbroker(tb.ADMIN, "events", "--since", "1h", "--json").stdout.splitlines()
+    return [e for e in map(json.loads, lines) if e["event"] == kind and e.get("session") == session_id]

@@ -3,6 +3,7 @@ metrics scrapes over the unix socket, attached terminals under pexpect, audit re
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 from collections.abc import Callable, Iterator
@@ -84,10 +85,15 @@ def audit_entries(path: Path = STATE_DIR / "audit.jsonl") -> list[dict]:
 
 
 def attach(user: str, session_id: str) -> pexpect.spawn:
-    """``sbroker attach`` as ``user`` in a real pty; returns once the shell answered."""
+    """``sbroker attach`` as ``user`` in a real pty; returns once the shell answered.
+
+    ``child.logfile_read`` keeps everything the terminal showed since the start
+    (``child.logfile_read.getvalue()``), for tests about what was shown exactly once.
+    """
     child = pexpect.spawn("runuser", ["-u", user, "--", "env", f"SBROKER_SOCKET={SOCKET}", "TERM=xterm",
                                       str(tb.SBROKER_BIN), "attach", session_id],
                           timeout=30, cwd="/", dimensions=(40, 120))
+    child.logfile_read = io.BytesIO()
     child.sendline("echo at''tached-$((6*7))")
     child.expect("attached-42")
     return child

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import pwd
 import subprocess
+from pathlib import Path
 
 import pytest
 
+from broker.agents import MAX_AGE as AGENT_STATUS_MAX_AGE
 from tests.cluster import config as tb
 from tests.integration.conftest import ALICE, BOB, ensure_as, jobs_of, sbroker, sbroker_json, wait_node
 
@@ -41,9 +44,15 @@ def test_ls_admin_sees_both_with_fields_users_only_their_own(two_sessions):
         assert s["node"] in tb.NODES
         assert s["instance"].startswith(f"sb-{user}-{project}-") and s["instance"] in instances_of(user)
         assert s["image"].endswith(".sif") and s["image_digest"].startswith("sha256:")
-        assert s["image_version"] and s["attachers"] == 0
         assert s["time_left"] and s["idle"] >= 0 and s["age"] > 0
-        assert s["idle_warned"] is False and s["walltime_warned"] == []
+        assert s["image_version"] and s["idle_warned"] is False
+        # Terminals are the session agent's (issue 15): its status file, beside the job log,
+        # is what ls reports; nobody has logged in yet. Walltime warnings are the agent's too,
+        # so the broker no longer lists which it sent.
+        status = agent_status(s["id"])
+        assert (status["v"], status["shells"], status["writers"], status["observers"]) == (1, 0, 0, 0)
+        assert (s["attachers"], s["shells"], s["detached_shells"]) == (0, 0, 0)
+        assert "walltime_warned" not in s
     assert [s["id"] for s in sbroker_json(ALICE, "ls")] == [alice["id"]]
     assert [s["id"] for s in sbroker_json(BOB, "ls")] == [bob["id"]]
     table = sbroker(tb.ADMIN, "ls").stdout.splitlines()
@@ -68,18 +77,32 @@ def test_metrics_move_when_sessions_start_attach_and_fail(two_sessions):
     # warm: the session is already ready
     assert ensure_as(ALICE, "alpha")["session"]["id"] == two_sessions["alice"]["id"]
     assert metric_samples()[warm] - before[warm] == 1
-    # attach
+    # attach: the broker hands out the srun to the session's agent (counted at once); the
+    # agent holds the terminal and says so in its status file, which the broker reads at most
+    # every AGENT_STATUS_MAX_AGE seconds (its policy tick, ls, show), so the gauge follows.
+    sid = two_sessions["alice"]["id"]
     attaches = ("sbroker_attaches_total", ())
-    child = attach(ALICE, two_sessions["alice"]["id"])
+    attached = ("sbroker_attached_sessions", ())
+    child = attach(ALICE, sid)
     try:
-        after = metric_samples()
-        assert after[attaches] - now[attaches] == 1
-        assert after[("sbroker_attached_sessions", ())] == 1
-        shown = sbroker_json(tb.ADMIN, "show", two_sessions["alice"]["id"])
-        assert shown["attachers"] == 1
+        assert metric_samples()[attaches] - now[attaches] == 1
+        wait_for(lambda: agent_status(sid)["writers"] == 1, 5,
+                 "the agent's status file to show the writer (written 0.1 s after an attach)")
+        wait_for(lambda: metric_samples()[attached] == 1, AGENT_STATUS_MAX_AGE + 5,
+                 "sbroker_attached_sessions to count alice's session (status read at most every "
+                 f"{AGENT_STATUS_MAX_AGE:g} s)")
+        shown = sbroker_json(tb.ADMIN, "show", sid)
+        assert (shown["attachers"], shown["shells"], shown["detached_shells"]) == (1, 1, 0)
+        attaches_audited = [e for e in audit_entries() if e["event"] == "attach" and e.get("session") == sid]
+        assert [(e["by"], e["peer_uid"], e["mode"], e["job_id"]) for e in attaches_audited] == [
+            (ALICE, pwd.getpwnam(ALICE).pw_uid, "write", two_sessions["alice"]["job_id"])]
     finally:
         child.sendline("exit")
         child.expect(pexpect_eof())
+    # The shell exited (not detached): the agent has no shell left and the gauge drops back.
+    wait_for(lambda: agent_status(sid)["shells"] == 0, 5, "the agent's status file to drop the exited shell")
+    wait_for(lambda: metric_samples()[attached] == 0, AGENT_STATUS_MAX_AGE + 5,
+             "sbroker_attached_sessions to drop alice's session after her shell exited")
     # fail: bob's project dir cannot be created (a file is in the way) -> submission fails
     blocker = f"/home/{BOB}/proj/broken"
     subprocess.run(tb.as_user(BOB, "sh", "-c", f"mkdir -p /home/{BOB}/proj && : > {blocker}"), check=True, cwd="/")
@@ -94,6 +117,14 @@ def test_metrics_move_when_sessions_start_attach_and_fail(two_sessions):
     assert failed[("sbroker_sessions", (("state", "failed"),))] >= 1
 
 
+def agent_status(session_id: str) -> dict:
+    """The session agent's own status file (``{instance}.agent.json`` beside the job log), read
+    directly: what the agent says, not what the broker cached of it."""
+    shown = sbroker_json(tb.ADMIN, "show", session_id)
+    path = Path(shown["log_path"]).with_name(f"{shown['instance']}.agent.json")
+    return json.loads(path.read_text())
+
+
 def pexpect_eof():
     import pexpect
 
@@ -103,7 +134,8 @@ def pexpect_eof():
 def test_kill_ends_job_and_instance_and_is_audited_with_peer_uid(two_sessions):
     alice = two_sessions["alice"]
     result = sbroker(tb.ADMIN, "kill", alice["id"], "--reason", "maintenance window")
-    assert "ending" in result.stdout or "ended" in result.stdout
+    # The reply comes once scancel returned; only a later squeue poll makes the session ended.
+    assert result.stdout == f"{ALICE}/alpha (job {alice['job_id']}): ending\n"
     wait_for(lambda: not jobs_of(ALICE), 30, "alice's job to leave squeue")
     wait_for(lambda: alice["instance"] not in instances_of(ALICE), 30, "alice's instance to stop")
     kills = [e for e in audit_entries() if e["event"] == "kill" and e.get("session") == alice["id"]]
@@ -114,8 +146,8 @@ def test_kill_ends_job_and_instance_and_is_audited_with_peer_uid(two_sessions):
                               and e.get("session") == alice["id"]], 20, "session_ended in the audit log")
     assert "maintenance window" in ended[0]["reason"]
     # The same events through the CLI, as the admin (alice sees her own; bob none of hers).
-    events = [__import__("json").loads(line) for line in sbroker(tb.ADMIN, "events", "--since", "10m",
-                                                                 "--json").stdout.splitlines()]
+    events = [json.loads(line) for line in sbroker(tb.ADMIN, "events", "--since", "10m",
+                                                   "--json").stdout.splitlines()]
     assert any(e["event"] == "kill" and e.get("session") == alice["id"] for e in events)
     bob_events = sbroker(BOB, "events", "--json").stdout
     assert alice["id"] not in bob_events

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -18,6 +20,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker.admin import COLUMNS, compact_left, format_table
+from broker.agent.sessionagent import Agent as SessionAgent
+from broker.agents import Agents, status_file
 from broker.config import ConfigError, parse
 from broker.metrics import Metrics
 from broker.session import Session, State
@@ -74,12 +78,15 @@ def test_ls_table_columns_fit_80_and_show_everything_asked_for():
 def _fake_manager(tmp_path: Path) -> SimpleNamespace:
     cfg = parse({**GOOD, "broker": {"metrics_socket": str(tmp_path / "metrics.sock"), "admin_group": "nogroup"}})
     sessions = {}
-    for state in (State.READY, State.READY, State.PENDING):
-        s = Session(user="u", uid=1000, project="p")
+    me = pwd.getpwuid(os.getuid())  # the agents' status files are read as the session's user
+    for n, state in enumerate((State.READY, State.READY, State.PENDING)):
+        s = Session(user=me.pw_name, uid=me.pw_uid, project=f"p{n}", instance=f"sb-{me.pw_name}-p{n}-00000{n}",
+                    log_path=str(tmp_path / f"sb-{me.pw_name}-p{n}-00000{n}.log"), job_id=str(100 + n))
         s.state = state
         sessions[s.id] = s
     return SimpleNamespace(
-        config=cfg, sessions=sessions, failures={"instance failed to start": 2}, finished={"failed": 1},
+        config=cfg, sessions=sessions, by_key={s.key: s for s in sessions.values()},
+        failures={"instance failed to start": 2}, finished={"failed": 1},
         runner=SimpleNamespace(calls=collections.Counter({"squeue": 5, "sbatch": 1})),
         poll_cycles=4, poll_seconds=0.2, time_to_ready=[2.5, 3.5], controller_ok=True,
         audit=SimpleNamespace(failures=1))
@@ -100,10 +107,25 @@ def _http(path: str, request: bytes) -> bytes:
     return out
 
 
+def _write_agent_status(session: Session, *, writers: int = 0, observers: int = 0) -> None:
+    """The status file a session agent writes beside the job log (``{instance}.agent.json``):
+    a real (idle) agent's own :meth:`status`, with the terminal counts set (needs a running loop)."""
+    status = SessionAgent(str(Path(session.log_path).parent)).status()
+    status.update(shells=int(bool(writers or observers)), writers=writers, observers=observers, detached=0)
+    Path(status_file(session)).write_text(json.dumps(status) + "\n")
+
+
 async def test_metrics_endpoint_serves_parseable_text_and_refuses_garbage(tmp_path):
+    """``sbroker_attached_sessions`` comes from the session agents' status files (issue 15: the
+    shells live in the agents): real :class:`broker.agents.Agents` over real files here."""
     manager = _fake_manager(tmp_path)
-    hub = SimpleNamespace(attach_count=7, terminals={"a": [], "b": []}, attached=lambda sid: sid == "a")
-    metrics = Metrics(manager, hub)
+    hub = SimpleNamespace(attach_count=7)
+    agents = Agents(manager)
+    watched, quiet, pending = manager.sessions.values()
+    _write_agent_status(watched, writers=1)
+    _write_agent_status(quiet)  # an agent with nobody attached; the pending session has no agent yet
+    await agents.refresh(list(manager.sessions.values()))
+    metrics = Metrics(manager, hub, None, agents)
     metrics.time_to_shell.labels("cold").observe(2.9)
     metrics.time_to_shell.labels("warm").observe(0.004)
     await metrics.start()
@@ -124,6 +146,11 @@ async def test_metrics_endpoint_serves_parseable_text_and_refuses_garbage(tmp_pa
         assert samples[("sbroker_poll_cycle_seconds_count", ())] == 4
         assert samples[("sbroker_attaches_total", ())] == 7
         assert samples[("sbroker_attached_sessions", ())] == 1
+        # An observer counts as attached too, once the agent's status is read again.
+        _write_agent_status(quiet, observers=1)
+        assert (await agents.status_of(quiet, max_age=0.0)).attachers == 1
+        reply = await loop.run_in_executor(None, _http, path, b"GET /metrics HTTP/1.0\r\n\r\n")
+        assert b"\nsbroker_attached_sessions 2.0\n" in reply
         assert samples[("sbroker_audit_write_failures_total", ())] == 1
         assert samples[("sbroker_time_to_shell_seconds_count", (("path", "cold"),))] == 1
         assert samples[("sbroker_time_to_shell_seconds_bucket", (("le", "0.005"), ("path", "warm")))] == 1
