@@ -16,7 +16,7 @@ import sys
 #: option removes only this line: ``--quiet`` twice lowers srun's log level to "fatal",
 #: which also hides real errors (e.g. "Unable to create step for job J"). So srun keeps
 #: its default verbosity and exactly this line is dropped from its stderr.
-SRUN_EXIT_LINE = re.compile(rb"srun: error: [^\s:]+: tasks? [0-9,\[\]-]+: Exited with exit code [0-9]+\n")
+SRUN_EXIT_LINE = re.compile(rb"srun: error: [^\s:]+: tasks? [0-9,\[\]-]+: Exited with exit code [0-9]+\r?\n")
 _SRUN_PREFIX = b"srun: error: "
 #: How long a line start that may be srun's report is held back before it is passed on.
 HOLD_SECONDS = 0.05
