@@ -21,6 +21,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import pexpect
 import pytest
 
 from tests.cluster import config as tb
@@ -120,6 +121,12 @@ def steps_of(job_id: str) -> list[str]:
     return [s.strip() for s in squeue("-s", "-j", job_id, "-o", "%i").splitlines() if s.strip()]
 
 
+def interactive_steps(job_id: str) -> list[str]:
+    """The job's steps other than its batch and extern steps: each is a login's or an attach's
+    ``srun --overlap --pty`` to the session agent (or a command's ``srun``)."""
+    return [s for s in steps_of(job_id) if not s.endswith((".batch", ".extern"))]
+
+
 def store_rows() -> dict[str, dict]:
     """Every session document in the broker's SQLite store (read-only, WAL-safe)."""
     db = STATE_DIR / "sessions.db"
@@ -190,6 +197,16 @@ class TomlBroker(BrokerProcess):
 
 
 PEER = Path(__file__).with_name("peer.py")
+
+
+def login_terminal(user: str, project: str) -> pexpect.spawn:
+    """An interactive login as sshd's ForceCommand runs it: ``sbroker login`` in a pty, as
+    ``user``, for ``project`` (``SBROKER_PROJECT``, as ``AcceptEnv`` passes it). It sends
+    ``ensure`` with ``attach`` and runs the ``srun ... agent.py attach`` the broker names; not
+    waited for (have the shell answer something)."""
+    return pexpect.spawn("runuser", ["-u", user, "--", "env", "TERM=xterm", f"SBROKER_PROJECT={project}",
+                                     str(tb.SBROKER_BIN), "login", "--socket", str(SOCKET)],
+                         timeout=30, cwd="/", dimensions=(24, 80))
 
 
 def peer_argv(user: str, *args: str) -> list[str]:

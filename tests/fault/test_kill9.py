@@ -12,36 +12,46 @@ submitted       ``squeue`` held: the poller never saw the job (partition down: i
 pending         partition ``compute`` DOWN: the job pends, the poller has seen it
 starting        ``apptainer instance start`` held inside the running job
 ready           nothing held
-attached        a writer attached (``srun --pty`` shell bridged by the broker)
+attached        a login's terminal on the session's shell: ``sbroker login`` (sshd's
+                ForceCommand) sent ``ensure`` with ``attach`` and runs the ``srun --overlap
+                --pty ... agent.py attach`` of the reply; the shell is the session agent's,
+                in the allocation (issue 15), and no byte of the terminal passes the broker
 ending          ``kill`` op sent, ``scancel`` held: the store says ending, the job runs
 ==============  ===========================================================================
 
-After every restart: no session lost (every live one in the store comes back and is
-ready, or ended if it was ending), no duplicate allocation (one active tagged job per
-user and project, the session's), no orphaned job (every active tagged job belongs to
-a live session), no orphaned instance (the stand-in's instance state lists exactly the
-live sessions' instances), no leftover interactive step of the attached shell.
+At the kill, every client waiting on the broker (the ``kill``, the ``ensure`` of each
+held state) is told the broker closed the connection, and the attached terminal goes on:
+its shell answers while no broker runs. After every restart: no session lost (every
+live one in the store comes back and is ready, or ended if it was ending), no duplicate
+allocation (one active tagged job per user and project, the session's), no orphaned job
+(every active tagged job belongs to a live session), no orphaned instance (the stand-in's
+instance state lists exactly the live sessions' instances); the attached terminal is on
+the same ``srun`` step and the same shell, exits with its shell's status, shows nothing
+but the shell's own output (no ``sbroker:`` or ``srun:`` line), and its step goes with it.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import json
+import io
 import os
 import subprocess
-import time
 
+import pexpect
 import pytest
 
 from tests.cluster import config as tb
 from tests.integration.conftest import client_as, ensure_as
 
-from .conftest import (ALICE, BOB, active_tagged_jobs, close_gate, instances_of, open_all_gates, peer_argv,
-                       scontrol, steps_of, store_rows, wait_for)
+from .conftest import (ALICE, BOB, active_tagged_jobs, close_gate, instances_of, interactive_steps,
+                       login_terminal, open_all_gates, scontrol, store_rows, wait_for)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 ROUNDS = int(os.environ.get("SBROKER_FAULT_ROUNDS", "10"))
+#: What a client waiting on the broker gets when the broker dies (``broker.client``), as
+#: ``ensure_as`` prints it.
+CLOSED = {"type": "error", "code": "closed", "message": "broker closed the connection"}
 
 
 def store_state(sid_or_key) -> str | None:
@@ -69,10 +79,13 @@ def test_kill9_in_every_state_loses_nothing(gated_broker):
     proc = gated_broker
     pool = concurrent.futures.ThreadPoolExecutor(8)
     report: dict[str, int] = {}
+    terminals: list[pexpect.spawn] = []
     try:
         for rnd in range(ROUNDS):
-            one_round(proc, pool, rnd, report)
+            one_round(proc, pool, rnd, report, terminals)
     finally:
+        for terminal in terminals:
+            terminal.close(force=True)
         open_all_gates()
         scontrol("update", f"partitionname={tb.PARTITION}", "state=UP")
         pool.shutdown(wait=False, cancel_futures=True)
@@ -80,7 +93,7 @@ def test_kill9_in_every_state_loses_nothing(gated_broker):
                       ("requested", "submitted", "pending", "starting", "ready", "attached", "ending")}, report
 
 
-def one_round(proc, pool, rnd: int, report: dict[str, int]) -> None:
+def one_round(proc, pool, rnd: int, report: dict[str, int], terminals: list[pexpect.spawn]) -> None:
     keys = {"ready": (ALICE, f"r{rnd}"), "attached": (BOB, f"a{rnd}"), "ending": (ALICE, f"e{rnd}"),
             "starting": (BOB, f"s{rnd}"), "pending": (ALICE, f"p{rnd}"), "submitted": (BOB, f"u{rnd}"),
             "requested": (ALICE, f"q{rnd}")}
@@ -89,15 +102,18 @@ def one_round(proc, pool, rnd: int, report: dict[str, int]) -> None:
     for reply in ready:
         assert reply["type"] == "result" and reply["session"]["state"] == "ready", reply
     sessions = {name: r["session"] for name, r in zip(("ready", "attached", "ending"), ready)}
-    attacher = subprocess.Popen(peer_argv(BOB, "attach", sessions["attached"]["id"]), stdout=subprocess.PIPE,
-                                text=True, cwd="/")
-    line = json.loads(attacher.stdout.readline())
-    assert line["type"] == "attached", line
-    wait_for(lambda: len(steps_of(sessions["attached"]["job_id"])) >= 2, 15, what="the attached shell's step")
+    terminal = login_terminal(BOB, keys["attached"][1])
+    terminals.append(terminal)
+    transcript = terminal.logfile_read = io.BytesIO()
+    terminal.send(b"echo shell-pid=$$\r")
+    terminal.expect(rb"shell-pid=(\d+)\r")
+    shell_pid = terminal.match.group(1)
+    attached_job = sessions["attached"]["job_id"]
+    step = wait_for(lambda: interactive_steps(attached_job), 15, what="the login's srun step in the job")
     # ending: kill op sent, scancel held
     close_gate("scancel")
     killer = subprocess.Popen([*client_as(ALICE), "kill", sessions["ending"]["id"]], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, cwd="/")
+                              stderr=subprocess.PIPE, text=True, cwd="/")
     wait_for(lambda: store_state(sessions["ending"]["id"]) == "ending", 10, what="ending in the store")
     # starting: instance start held inside the running job
     close_gate("apptainer")
@@ -129,14 +145,17 @@ def one_round(proc, pool, rnd: int, report: dict[str, int]) -> None:
     for name in at_kill:
         report[name] = report.get(name, 0) + 1
 
+    # The terminal never went through the broker: its shell answers while no broker runs.
+    terminal.send(f"echo during-{rnd}-$((6*7)) pid=$$\r".encode())
+    terminal.expect(rb"during-%d-42 pid=(\d+)\r" % rnd)
+    assert terminal.match.group(1) == shell_pid
+    # Every client waiting on the broker was told it went away (none left hanging, none
+    # given an answer the dead broker never decided).
+    _, killer_err = killer.communicate(timeout=10)
+    assert (killer.returncode, killer_err) == (1, "sbroker: broker closed the connection\n")
+    assert [f.result(timeout=10) for f in futures] == [CLOSED] * 4
     open_all_gates()
     scontrol("update", f"partitionname={tb.PARTITION}", "state=UP")
-    rest = [json.loads(x) for x in attacher.stdout.read().splitlines() if x.strip()]
-    assert not rest or rest[-1]["type"] == "_closed", rest  # the broker's end closed the attachment
-    attacher.wait(10)
-    killer.wait(10)
-    for f in futures:
-        f.result(timeout=60)  # the clients saw the broker go away; their replies do not matter
     proc.start()
 
     ending_id = sessions["ending"]["id"]
@@ -170,10 +189,20 @@ def one_round(proc, pool, rnd: int, report: dict[str, int]) -> None:
         want = {r["instance"] for r in live.values() if r["user"] == user}
         wait_for(lambda: instances_of(user) == want, 20,
                  what=lambda: f"round {rnd}: {user}'s instances == live sessions' ({instances_of(user)} vs {want})")
-    # the attached shell's interactive step went with the broker's pty
-    job = sessions["attached"]["job_id"]
-    wait_for(lambda: all(s.endswith((".batch", ".extern")) for s in steps_of(job)), 20,
-             what=lambda: f"no interactive step left in job {job} ({steps_of(job)})")
+    # the attached terminal: the same srun step, the same shell, still answering; it ends with
+    # its shell, with the shell's status, and its step goes with it
+    assert interactive_steps(attached_job) == step
+    terminal.send(f"echo after-{rnd}-$((6*7)) pid=$$\r".encode())
+    terminal.expect(rb"after-%d-42 pid=(\d+)\r" % rnd)
+    assert terminal.match.group(1) == shell_pid
+    terminal.send(b"exit 7\r")
+    terminal.expect(pexpect.EOF)
+    terminal.wait()
+    assert terminal.exitstatus == 7
+    assert b"sbroker:" not in transcript.getvalue(), transcript.getvalue()
+    assert b"srun:" not in transcript.getvalue(), transcript.getvalue()
+    wait_for(lambda: not interactive_steps(attached_job), 20,
+             what=lambda: f"no interactive step left in job {attached_job} ({interactive_steps(attached_job)})")
     # a second login finds the same session (no new allocation)
     again = list(pool.map(lambda k: ensure_as(*k), list(by_key)))
     for reply in again:
@@ -188,4 +217,3 @@ def one_round(proc, pool, rnd: int, report: dict[str, int]) -> None:
         assert k.wait(60) == 0
     wait_for(lambda: not active_tagged_jobs(), 30, what="all jobs of the round gone")
     wait_for(lambda: not instances_of(ALICE) and not instances_of(BOB), 20, what="all instances stopped")
-    time.sleep(0)

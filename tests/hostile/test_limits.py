@@ -2,14 +2,21 @@
 
 A daemon with tiny limits (connections 3, sessions 1, shells 1, detached shells 1): sbbob
 hits each; sbalice, at the same time, is never refused and her ``ping`` answers.
+
+Where each rule lives: connections and sessions are counted by the broker
+(``broker/server.py``, ``broker/limits.py``) and refused in its ``error`` reply. Shells
+live in the session's agent since issue 15 (``broker/agent/sessionagent.py``, started with
+``--max-shells`` = ``limits.shells_per_user``), which counts them *per session* and refuses
+a new one with one line through the owner's own ``srun`` (exit status 1); it logs
+``limit_refused`` in the session's job log. Detached shells: ``test_limits_detached``.
 """
 
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 
+import pexpect
 import pytest
 
 from broker.config import parse
@@ -18,13 +25,14 @@ from broker.session import Session, State
 from tests.cluster import config as tb
 from tests.integration import daemon as bed
 from tests.integration.conftest import ensure_as
-from tests.ops.conftest import attach
 
-from ._peer import attach_once, broker_with
+from ._peer import agent_events, answers, broker_with, close, session_files, terminal, wait_event
 
 ALICE, BOB = tb.USERS
 LIMITS = "[limits]\nconnections_per_user = 3\nsessions_per_user = 1\nshells_per_user = 1\n" \
          "detached_shells_per_user = 1\n"
+SHELLS_REFUSAL = ("sbroker: limits.shells_per_user: at most 1 shells in a session; exit one (or reattach a "
+                  "detached one) and retry")
 
 
 @pytest.fixture(scope="module")
@@ -66,14 +74,36 @@ def test_each_limit_refuses_with_one_line_and_others_are_untouched(limited):
     assert ensure_as(ALICE, "default")["type"] == "result"
 
     session = first["session"]["id"]
-    shell = attach(BOB, session)  # his one shell, attached
+    log, _ = session_files(BOB, session)
+    shell = terminal(BOB, "attach", session)  # his one shell, attached
     try:
-        refused = attach_once(BOB, {"session": session, "mode": "write", "rows": 24, "cols": 80})
-        assert (refused["type"], refused["code"]) == ("error", "limit"), refused
-        assert refused["message"].startswith("limits.shells_per_user: you have 1 shells open")
+        answers(shell, "one")
+        shell.send(b"export LIMIT_MARK=bob-$((6*7))\r")
+        refused = terminal(BOB, "attach", session)  # a second terminal, as a second ssh login would be
+        refused.expect(pexpect.EOF)
+        refused.wait()
+        assert refused.exitstatus == 1
+        assert refused.before.decode().splitlines() == [SHELLS_REFUSAL], refused.before
+        refusal = wait_event(log, "limit_refused")[-1]
+        assert (refusal["rule"], refusal["limit"]) == ("shells", 1), refusal
+        # Untouched: his own shell, and alice, who opens a shell in her session meanwhile.
+        answers(shell, "still")
+        hers = ensure_as(ALICE, "default")["session"]["id"]
+        theirs = terminal(ALICE, "attach", hers)
+        answers(theirs, "alice")
+        close(theirs)
+        hers_log = session_files(ALICE, hers)[0]
+        assert [e["event"] for e in agent_events(hers_log) if e["event"].startswith("limit")] == []
+        # The line's advice holds: once his shell is detached, the next login reattaches it.
+        close(shell)
+        wait_event(log, "detach", shell=1)
+        shell = terminal(BOB, "attach", session)
+        shell.send(b"echo mark=$LIMIT_MARK\r")
+        shell.expect(rb"mark=bob-42\r")
+        assert [e["shell"] for e in wait_event(log, "reattach")] == [1]
+        assert len(wait_event(log, "limit_refused")) == 1  # once, for the one refused terminal
     finally:
-        shell.kill(signal.SIGKILL)
-        shell.close(force=True)
+        close(shell)
 
 
 def test_pending_limit_counts_sessions_still_waiting_for_slurm():
