@@ -28,10 +28,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = {
     "full": dict(readiness=200, verify=5, verify_mb=1024, import_n=20, sched_ns=[1, 10, 50, 200], sched_s=20.0,
                  warm=30, pty=3, pty_mb=200, keys=200, cold=25, hostile_blocks=3, hostile_per=10, rss=1000,
-                 rss_restarts=5),
+                 rss_restarts=5, rss_terms=100, rss_rounds=3),
     "quick": dict(readiness=30, verify=2, verify_mb=128, import_n=5, sched_ns=[1, 10], sched_s=5.0,
                   warm=3, pty=1, pty_mb=20, keys=30, cold=2, hostile_blocks=1, hostile_per=3, rss=1000,
-                  rss_restarts=1),
+                  rss_restarts=1, rss_terms=100, rss_rounds=1),
 }
 
 
@@ -140,7 +140,7 @@ def run(names: list[str], size: dict, lock_wait: float, rec: Recorder) -> None:
         if "rss" in names:
             from . import rss
 
-            rec("rss", rss.rss, size["rss"], size["rss_restarts"])
+            rec("rss", rss.rss_all, size["rss"], size["rss_restarts"], size["rss_terms"], size["rss_rounds"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -229,3 +229,203 @@ def raw_cold_remote(job: RawJob) -> str:
 def jobs_named(user: str, name: str) -> list[str]:
     out = slurm("squeue", "--noheader", "-u", user, "-n", name, "-o", "%i", check=False).stdout
     return out.split()
+
+
+# ------------------------------------------------------------------ extra broker config sections
+
+class _SectionsBrokerProcess(d.BrokerProcess):
+    """The test bed's daemon with config sections ``d.config_text`` has no table for
+    (``[limits]``): its ``section_key`` overrides only reach the sections it already writes."""
+
+    def __init__(self, sections: dict[str, dict[str, object]], **overrides: object) -> None:
+        super().__init__(**overrides)
+        self.sections = sections
+
+    def start(self, timeout: float = 20.0) -> None:
+        import json
+
+        plain = d.config_text
+        extra = "".join(f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in table.items())
+                        for name, table in self.sections.items())
+        # BrokerProcess.start writes config_text(**overrides) to the bed's broker.toml and starts
+        # the daemon on it; the extra tables are appended for this start only.
+        d.config_text = lambda **o: plain(**o) + extra
+        try:
+            super().start(timeout)
+        finally:
+            d.config_text = plain
+
+
+class SectionsBroker(Broker):
+    """:class:`Broker` with extra config tables, e.g. ``SectionsBroker({"limits": {"shells_per_user": 128}})``."""
+
+    def __init__(self, sections: dict[str, dict[str, object]], **overrides: object) -> None:
+        self.proc = _SectionsBrokerProcess(sections, **{**BROKER_OVERRIDES, **overrides})
+
+
+# ------------------------------------------------------------------ a plain sshd (no ForceCommand)
+
+PLAIN_SSH_PORT = 2824
+PLAIN_SSHD_DIR = Path("/run/sbroker-bench-sshd")
+
+
+def plain_ssh_argv(user: str, *remote: str) -> list[str]:
+    """``ssh -tt`` as ``user`` to the bench-only plain sshd (:class:`PlainSshd`)."""
+    opts = [f"Port={PLAIN_SSH_PORT}" if o == f"Port={tb.SSH_PORT}" else o for o in tb.SSH_OPTS]
+    return ["ssh", "-tt", *opts, f"{user}@{tb.SSH_HOST}", *remote]
+
+
+class PlainSshd:
+    """A second sshd on 127.0.0.1:PLAIN_SSH_PORT: the bed's sshd config (same host key, same
+    ``AuthorizedKeysFile``, PAM, ``SetEnv SLURM_CONF``) without its ``Match Group`` /
+    ``ForceCommand`` block. It lets the raw side of a benchmark log in as the very user the
+    sbroker side logs in as (sbalice), and type ``srun`` by hand.
+
+    The bed's users have the ``sbroker-login`` wrapper as their login shell, and sshd runs
+    every session as ``<login shell> -c CMD``; the wrapper ignores ``-c``, so without more a
+    plain sshd would still land in ``sbroker login``. This sshd therefore runs in a private
+    mount namespace where ``/etc/passwd`` is a copy giving those users ``/bin/bash``: what
+    they have on a login node without sbroker. Nothing outside that namespace sees the copy
+    (private propagation), and the namespace ends with the sshd, which :meth:`stop` ends by pid.
+    """
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.config = PLAIN_SSHD_DIR / "sshd_config"
+        self.passwd = PLAIN_SSHD_DIR / "passwd"
+        self.log_path = PLAIN_SSHD_DIR / "sshd.log"
+
+    def _config_text(self) -> str:
+        from tests.cluster import harness
+
+        text = harness.sshd_config_text(PLAIN_SSH_PORT, PLAIN_SSHD_DIR / "sshd.pid")
+        block = harness.forcecommand_match_block()
+        if block not in text:
+            raise RuntimeError("bench sshd: the bed's sshd_config has no ForceCommand block to leave out")
+        text = text.replace(block, "")
+        directives = [line.split(None, 1)[0] for line in text.splitlines() if line.strip() and not line.startswith("#")]
+        if {"ForceCommand", "Match"} & set(directives):
+            raise RuntimeError("bench sshd: the config still has a Match/ForceCommand line")
+        return ("# benchmarks/bed.py PlainSshd: the test bed's sshd_config without its Match/ForceCommand "
+                "block (bench only)\n" + text)
+
+    def _passwd_text(self) -> str:
+        forced = set(tb.USERS)
+        out = []
+        for line in Path("/etc/passwd").read_text().splitlines():
+            fields = line.split(":")
+            if len(fields) == 7 and fields[0] in forced:
+                fields[6] = "/bin/bash"
+            out.append(":".join(fields))
+        return "\n".join(out) + "\n"
+
+    def _answers(self) -> bool:
+        import socket
+
+        try:
+            with socket.create_connection((tb.SSH_HOST, PLAIN_SSH_PORT), timeout=1) as s:
+                s.settimeout(2)
+                return s.recv(4).startswith(b"SSH-")
+        except OSError:
+            return False
+
+    def start(self, timeout: float = 15.0) -> None:
+        if self._answers():
+            raise RuntimeError(f"bench sshd: something already answers on {tb.SSH_HOST}:{PLAIN_SSH_PORT}")
+        PLAIN_SSHD_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.config.write_text(self._config_text())
+        self.passwd.write_text(self._passwd_text())
+        self.passwd.chmod(0o644)
+        t = subprocess.run(["/usr/sbin/sshd", "-t", "-f", str(self.config)], capture_output=True, text=True,
+                           timeout=30)
+        if t.returncode != 0:
+            raise RuntimeError(f"bench sshd: sshd rejects {self.config}: {t.stdout}{t.stderr}")
+        # unshare execs sh, which execs sshd: self.proc.pid is the listening sshd itself (-D).
+        err_fh = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c",
+             'mount --bind "$1" /etc/passwd && exec /usr/sbin/sshd -D -f "$2" -E "$3"', "-",
+             str(self.passwd), str(self.config), str(self.log_path)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err_fh, start_new_session=True)
+        err_fh.close()
+        deadline = time.monotonic() + timeout
+        while not self._answers():
+            if self.proc.poll() is not None:
+                err = self.log_path.read_text(errors="replace")[-2000:]
+                self.proc = None
+                raise RuntimeError(f"bench sshd exited: {err.strip()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"bench sshd: no answer on port {PLAIN_SSH_PORT} within {timeout:g}s")
+            time.sleep(0.1)
+        log(f"bench sshd: pid {self.proc.pid} on {tb.SSH_HOST}:{PLAIN_SSH_PORT} (no ForceCommand, login shell "
+            "/bin/bash for the bed's users)")
+
+    def check_plain(self, user: str, timeout: float = 30.0) -> None:
+        """Fail unless a command as ``user`` runs in a plain login-node shell under sshd."""
+        remote = "echo plain-$((6*7)) $(id -un); ps -o comm= -p $PPID"
+        argv = ["ssh", *plain_ssh_argv(user)[2:], remote]
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=ssh_env())
+        words = p.stdout.split()
+        if p.returncode != 0 or words[:3] != ["plain-42", user, "sshd"]:
+            raise RuntimeError(f"bench sshd: `{remote}` as {user} gave {p.returncode}: {p.stdout!r} {p.stderr!r}")
+
+    def _children(self) -> list[int]:
+        out = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            if self.proc and fields[1] == str(self.proc.pid) and "sshd" in stat[:stat.rindex(")")]:
+                out.append(int(entry.name))
+        return out
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            children = self._children()   # per-connection sshd processes still open, if any
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+            for pid in children:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            log("bench sshd: stopped")
+        self.proc = None
+        subprocess.run(["rm", "-rf", "--", str(PLAIN_SSHD_DIR)], check=False)
+
+    def __enter__(self) -> PlainSshd:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def agent_status(broker: Broker, user: str, project: str) -> dict:
+    """The session agent's status file (``{job_dir}/{instance}.agent.json``), read as root."""
+    import json
+
+    info = broker.request("show", session=f"{user}/{project}")["session"]
+    path = Path(info["log_path"]).parent / f"{info['instance']}.agent.json"
+    return json.loads(path.read_text())
+
+
+def container_runtime() -> str:
+    """Which container runtime the bed's jobs run: the stand-in or a real apptainer."""
+    from tests import standin
+
+    real = standin.real_apptainer()
+    return f"real apptainer ({real})" if real else "apptainer stand-in (tests/standin: bubblewrap), not real apptainer"

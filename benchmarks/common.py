@@ -52,12 +52,13 @@ class Row:
     ratio_label: str = ""
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    runtime: str = ""                 # the container runtime the row's shells ran in ("" = none ran)
 
     def to_json(self) -> dict[str, Any]:
         return {"bench": self.bench, "metric": self.metric, "unit": self.unit,
                 "sbroker": summary(self.a), "raw": summary(self.b) if self.b is not None else None,
                 "ratio": self.ratio, "ratio_label": self.ratio_label, "goal": self.goal, "met": self.met,
-                "note": self.note, "samples": {"sbroker": self.a, "raw": self.b}, "extra": self.extra}
+                "note": self.note, "runtime": self.runtime, "samples": {"sbroker": self.a, "raw": self.b}, "extra": self.extra}
 
 
 def time_ratio(a: list[float], b: list[float], limit: float) -> tuple[float, bool]:

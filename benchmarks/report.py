@@ -34,22 +34,26 @@ METHOD = """\
 
 | benchmark | sbroker side | raw SLURM side |
 | --- | --- | --- |
-| warm attach (ssh) | `ssh -tt sbalice@127.0.0.1` → sshd ForceCommand `sbroker login` → `ensure` + `attach` → broker spawns `srun --overlap --pty … apptainer exec instance://N` under its own pty and bridges it; timed from spawning `ssh` until the prompt is read on our pty | `ssh -tt sbadmin@127.0.0.1 'srun --overlap --pty --jobid=J apptainer exec … instance://N /bin/bash -c <shell entry>'` into sbadmin's own allocation of the same start script (what a user without sbroker types) |
-| warm attach (local) | `sbroker login` run as sbalice on a local pty (the ForceCommand minus ssh) | the identical `srun` argv the broker spawns, run by hand as sbalice, same job and instance |
+| warm attach (ssh) | `ssh -tt sbalice@127.0.0.1` → sshd ForceCommand `sbroker login` → `ensure` → the login client runs `srun --overlap --pty --jobid=J python3 agent.py attach …` → the session agent's shell in `instance://N`; timed from spawning `ssh` until the prompt is read on our pty | `ssh -tt -p 2824 sbalice@127.0.0.1 'env PATH=… srun --overlap --pty --jobid=J apptainer exec … instance://N /bin/bash -c <shell entry>'`: the same user, job and instance, through a bench-only sshd (the bed's sshd_config without the Match/ForceCommand block; login shell `/bin/bash`, as without sbroker) |
+| warm attach (local, context) | `sbroker login` run as sbalice on a local pty (the ForceCommand minus ssh) | the bare `srun --overlap --pty … instance://N` run by hand as sbalice, same job and instance |
 | cold time to shell | first login for a new project, `sbroker login` on a local pty (the ForceCommand minus ssh) and, in a second row, through `ssh`: sbatch → `INSTANCE_READY` → attach → prompt | `sbatch` of the same start script as the same user, until `INSTANCE_READY` is in its output file (polled every 5 ms); all sides of a round start at the same random phase of the wall-clock second |
 | cold, end to end | first `ssh` login → prompt | `ssh` + `sbatch` + wait for the marker + `srun --overlap --pty` → prompt, as sbadmin |
 | readiness delay | marker appended to a job log → manager's `_await_ready` moves the session to `ready` (persisted) | — (absolute goal) |
 | scheduler load | the manager's real poller (`run_poller`) over N tracked sessions whose jobs are held in SLURM | one `squeue -h -j ID -o '%T %B'` per session per cycle (batchspawner's query), one at a time |
-| pty throughput / keys | `cat` of a large file, and single-byte echo in `cat >/dev/null`, through `sbroker login` ↔ broker ↔ `srun --pty` | the same through `srun --pty` by hand, same instance, both terminals open at once |
+| pty throughput / keys | `cat` of a large file, and single-byte echo in `cat >/dev/null`, through `sbroker login` → `srun --pty` → session agent → shell | the same through the bare `srun --overlap --pty` by hand, same user, job and instance, both terminals open at once |
 | verify | `broker.container.apptainer.verify()` (in-process streaming sha256) | `sha256sum` |
 | RSS / re-adoption | daemon restarted over a store with 1,000 live sessions (job ids unknown to SLURM, gone-grace long) | — (absolute goals) |
+| RSS with attached terminals | the daemon's VmRSS (and fds, tasks) with 100 interactive logins of one session at their prompt | the same daemon with none attached, sampled before each round of logins |
 
 **Why the ssh pairing is the fair one for warm attach.** Users reach a login node with `ssh`
 either way; without sbroker they then type `srun --overlap --pty …`. Comparing an ssh login
-against a bare local `srun` would charge sbroker for ssh's key exchange. The raw side runs as
-`sbadmin` (the only test user without the ForceCommand) in its own allocation, which starts from
-the same start script and image. The "local" row removes ssh from both sides and uses the very
-same job and instance: it is the broker's own cost and the stricter number.
+against a bare local `srun` would charge sbroker for ssh's key exchange. Both sides are sbalice
+in the same job and instance. The raw side logs in through a second sshd the benchmark starts
+(port 2824, the bed's sshd_config minus the Match/ForceCommand block, same host key and
+authorized keys); it runs in a private mount namespace whose `/etc/passwd` gives sbalice
+`/bin/bash` as login shell, because the bed's login shell for her is the `sbroker-login`
+wrapper, which ignores `-c`. The "local" row removes ssh from both sides: context for what the
+login path itself adds.
 
 **Why the no-ssh pairing is the issue's for cold start.** The raw side, `sbatch` → marker, has no
 ssh in it, so the sbroker side is timed from `sbroker login` (what sshd's ForceCommand runs) to
@@ -91,6 +95,13 @@ def _ratio(row: dict) -> str:
     return f"{r:.2f} {label}" if abs(r) < 100 else f"{r:.0f} {label}"
 
 
+def _runtime(row: dict) -> str:
+    """The container runtime a row's shells ran in; rows from before the field say so."""
+    if "runtime" not in row:
+        return "not recorded (see the results table below)"
+    return row["runtime"] or "— (no container)"
+
+
 def write_report(results: Path, order: list[str]) -> Path:
     rows, machines = [], {}
     for name in order:
@@ -106,12 +117,13 @@ def write_report(results: Path, order: list[str]) -> Path:
         lines.append("## Results\n")
         lines.append(f"Machine: {m['cpus']} CPUs ({m['cpu']}), kernel {m['kernel']}, Python {m['python']}, "
                      f"{m['slurm']}. Each cell is **median / p95 / n**.\n")
-        lines.append("| benchmark | unit | sbroker | raw SLURM | result | goal | met |")
-        lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+        lines.append("| benchmark | unit | sbroker | raw SLURM | result | goal | met | containers |")
+        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for row in rows:
             met = {True: "yes", False: "**no**", None: "—"}[row["met"]]
             lines.append(f"| {row['metric']} | {row['unit']} | {_cell(row['sbroker'], row['unit'])} | "
-                         f"{_cell(row['raw'], row['unit'])} | {_ratio(row)} | {row['goal']} | {met} |")
+                         f"{_cell(row['raw'], row['unit'])} | {_ratio(row)} | {row['goal']} | {met} | "
+                         f"{_runtime(row)} |")
         lines.append("")
         notes = [f"- {row['bench']}: {row['note']}" for row in rows if row.get("note")]
         if notes:
