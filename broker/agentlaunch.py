@@ -34,6 +34,7 @@ from .container._validate import validate_instance_name, validate_job_id
 
 AGENT_FILE = "agent.py"
 STATUS_SUFFIX = ".agent.json"
+KEY_SUFFIX = ".agent.key"
 MIN_PYTHON = (3, 9)
 #: How long the start script waits for a started agent to accept (tenths of a second).
 START_WAIT_TENTHS = 100
@@ -57,6 +58,11 @@ def status_path(job_dir: Path, instance: str) -> Path:
     return job_dir / f"{validate_instance_name(instance)}{STATUS_SUFFIX}"
 
 
+def key_path(job_dir: Path, instance: str) -> Path:
+    """The session key of the direct streams (written by the agent, mode 0600, the user's)."""
+    return job_dir / f"{validate_instance_name(instance)}{KEY_SUFFIX}"
+
+
 def safe_path(value: object) -> str | None:
     """``value`` if it is a plain absolute path (see :data:`_PATH_RE`), else None."""
     if isinstance(value, str) and _PATH_RE.fullmatch(value) and "/../" not in value + "/":
@@ -66,7 +72,10 @@ def safe_path(value: object) -> str | None:
 
 def serve_argv(config: Config, status: Path) -> list[str]:
     """The agent's ``serve`` options from the broker's config (job id added by the script)."""
-    return ["--status", str(status), "--grace", f"{config.detach_grace:g}",
+    streams = (["--listen", config.stream_listen, "--key", str(status.with_name(
+        status.name.removesuffix(STATUS_SUFFIX) + KEY_SUFFIX)), "--max-commands", str(config.limit_commands)]
+        if config.direct_streams else [])
+    return [*streams, "--status", str(status), "--grace", f"{config.detach_grace:g}",
             "--scrollback", str(config.scrollback_bytes), "--max-shells", str(config.limit_shells),
             "--max-detached", str(config.limit_detached),
             "--walltime-warnings", ",".join(str(m) for m in config.walltime_warnings)]
@@ -125,7 +134,7 @@ if [ -n "${agent_pid:-}" ]; then
     wait "$agent_pid" 2>/dev/null
 fi
 if [ -n "${agent_dir:-}" ]; then rm -rf -- "$agent_dir"; fi
-if [ -n "${agent_status:-}" ]; then rm -f -- "$agent_status"; fi
+if [ -n "${agent_status:-}" ]; then rm -f -- "$agent_status" "${agent_status%.agent.json}.agent.key"; fi
 """
 
 
@@ -148,5 +157,5 @@ def attach_argv(job_id: str, agent_dir: str, python: str, shell: Sequence[str], 
     return [*argv, "--", *shell]
 
 
-__all__ = ["AGENT_FILE", "STATUS_SUFFIX", "agent_source", "attach_argv", "exit_snippet", "keepalive_snippet",
+__all__ = ["AGENT_FILE", "KEY_SUFFIX", "STATUS_SUFFIX", "key_path", "agent_source", "attach_argv", "exit_snippet", "keepalive_snippet",
            "safe_path", "serve_argv", "start_snippet", "status_path"]

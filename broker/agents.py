@@ -23,15 +23,16 @@ from typing import Any
 import anyio
 
 from . import userfs
-from .agentlaunch import STATUS_SUFFIX, safe_path
+from .agentlaunch import KEY_SUFFIX, STATUS_SUFFIX, safe_path
 from .identity import UnknownUser, lookup_name
 from .manager import Manager
 from .session import Session
 
-#: How old a cached status may be for policy and ``ls`` (attach asks for a fresh one).
+#: How old a cached status may be for policy, ``ls`` and ``show`` (an attach uses the cached
+#: one: the directory and python it needs do not change during a job).
 MAX_AGE = 10.0
 MAX_STATUS_BYTES = 4096
-_COUNTS = ("pid", "shells", "writers", "observers", "detached")
+_COUNTS = ("pid", "shells", "writers", "observers", "detached", "commands", "port")
 _TIMES = ("started", "time", "last_input", "last_attach")
 
 
@@ -44,6 +45,8 @@ class AgentStatus:
     writers: int
     observers: int
     detached: int
+    commands: int
+    port: int
     started: float
     time: float
     last_input: float
@@ -52,6 +55,11 @@ class AgentStatus:
     @property
     def attachers(self) -> int:
         return self.writers + self.observers
+
+    @property
+    def busy(self) -> bool:
+        """A terminal is attached or a command runs over a direct stream: the session is in use."""
+        return bool(self.attachers or self.commands)
 
 
 def parse_status(data: bytes) -> AgentStatus | None:
@@ -68,7 +76,7 @@ def parse_status(data: bytes) -> AgentStatus | None:
     values: dict[str, Any] = {"dir": directory, "python": python}
     for key in _COUNTS:
         value = raw.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 31:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < (65536 if key == "port" else 1 << 31):
             return None
         values[key] = value
     now = time.time()
@@ -85,6 +93,11 @@ def status_file(session: Session) -> str:
     if not session.log_path or not session.instance:
         return ""
     return str(Path(session.log_path).with_name(f"{session.instance}{STATUS_SUFFIX}"))
+
+
+def key_file(session: Session) -> str:
+    """The agent's session key beside the job log (the user's file, mode 0600)."""
+    return str(Path(session.log_path).with_name(f"{session.instance}{KEY_SUFFIX}"))
 
 
 class Agents:
@@ -147,7 +160,8 @@ class Agents:
     def describe(self, session: Session) -> dict[str, Any]:
         status = self.cached(session)
         return {"attachers": status.attachers if status else 0, "shells": status.shells if status else 0,
-                "detached_shells": status.detached if status else 0}
+                "detached_shells": status.detached if status else 0,
+                "commands": status.commands if status else 0}
 
     def attached_sessions(self) -> int:
         live = {s.id for s in self.manager.by_key.values() if s.live}
@@ -155,4 +169,4 @@ class Agents:
                    if sid in live and status is not None and status.attachers)
 
 
-__all__ = ["AgentStatus", "Agents", "parse_status", "status_file"]
+__all__ = ["AgentStatus", "Agents", "key_file", "parse_status", "status_file"]

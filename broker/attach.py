@@ -35,12 +35,12 @@ import anyio.abc
 from . import log as _log
 from . import protocol as p
 from .agentlaunch import attach_argv
-from .agents import Agents
+from .agents import Agents, key_file
 from .identity import User, lookup_name
 from .manager import Manager, SessionError
 from .server import Connection, Server
 from .session import Session, State
-from .shells import instance_shell_argv, safe_term
+from .shells import instance_command_argv, instance_shell_argv, safe_term
 
 #: A bridge stops reading the pty while this much output waits for the administrator.
 BRIDGE_HIGH_WATER = 256 * 1024
@@ -64,6 +64,8 @@ class AttachHub:
         self.bridges: set[anyio.abc.Process] = set()
         server.handlers["attach"] = self.op_attach
         server.attach_exec = self.login_exec
+        if manager.config.direct_streams:
+            server.direct_stream = self.direct_stream
         server.describers.append(self.describe)
         server.refreshers.append(agents.refresh)
 
@@ -96,6 +98,16 @@ class AttachHub:
         spec = await self.exec_spec(session, conn.user, mode=mode, tty=tty, term=term)
         self._record("attach", session, conn, mode)
         return spec
+
+    async def direct_stream(self, session: Session, command: str, term: str) -> dict[str, Any] | None:
+        """Where ``sbroker login`` runs a command without a terminal: the agent's direct stream
+        (host, port, the key file the user reads, the argv), or None when the agent has none."""
+        status = await self.agents.locate(session)
+        if status is None or not status.port or not session.node:
+            return None
+        host = await self.manager.node_addr(session.node)
+        argv = instance_command_argv(session.instance, session.user, session.project, command, term)
+        return {"host": host, "port": status.port, "key": key_file(session), "argv": argv}
 
     def _record(self, event: str, session: Session, conn: Connection, mode: str) -> None:
         self.attach_count += 1

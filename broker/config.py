@@ -116,6 +116,10 @@ class Config:
     limit_pending: int = 4
     limit_detached: int = 8
     limit_shells: int = 32
+    #: ``[transfer]``: commands without a terminal over a direct stream to the session agent.
+    direct_streams: bool = True
+    stream_listen: str = "0.0.0.0"
+    limit_commands: int = 128
 
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -172,6 +176,9 @@ _FIELDS: list[tuple[str, str, str, str]] = [
     ("limits", "pending_per_user", "limit_pending", "int:1:10000"),
     ("limits", "detached_shells_per_user", "limit_detached", "int:0:10000"),
     ("limits", "shells_per_user", "limit_shells", "int:1:10000"),
+    ("limits", "commands_per_session", "limit_commands", "int:1:10000"),
+    ("transfer", "direct", "direct_streams", "bool"),
+    ("transfer", "listen", "stream_listen", "address"),
 ]
 
 
@@ -241,6 +248,14 @@ def _check(kind: str, value: Any) -> tuple[Any, str | None]:
     if kind == "hostname":
         ok = value == "" or _HOSTNAME_RE.fullmatch(value)
         return value, None if ok else "must be empty (the node's name) or a hostname of [a-z0-9-]"
+    if kind == "address":
+        import ipaddress
+
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            return value, "must be an IP address to listen on (0.0.0.0: every interface of the node)"
+        return value, None
     if kind == "regex":
         try:
             re.compile(value)

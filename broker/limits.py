@@ -2,10 +2,12 @@
 
 The daemon, its cgroup (``TasksMax``), its event loop and the scheduler are shared by every
 user of the login node. Without a bound a single user (a script, a typo in a loop) could
-hold thousands of connections, sessions, pending jobs or ``srun --pty`` shells and leave
-nothing for anyone else. Each check here is a pure function over what the daemon already
-tracks; a refusal is one line naming the config key and the rule, shown to the user as is.
-Connection and shell counts live where those objects live (server.py, attach.py).
+hold thousands of connections, sessions or pending jobs and leave nothing for anyone
+else. Each check here is a pure function over what the daemon already tracks; a refusal is
+one line naming the config key and the rule, shown to the user as is. Connections are
+counted where they live (server.py); shells and commands live in each session's agent,
+which enforces ``limits.shells_per_user``, ``detached_shells_per_user`` and
+``commands_per_session`` per session (broker/agent/sessionagent.py).
 """
 
 from __future__ import annotations
@@ -29,12 +31,4 @@ def new_session_refusal(config: Config, user: str, sessions: Iterable[Session]) 
     if waiting >= config.limit_pending:
         return (f"limits.pending_per_user: {waiting} of your sessions are still waiting for SLURM, the most "
                 f"allowed is {config.limit_pending}; wait for one to start or end one")
-    return None
-
-
-def shells_refusal(config: Config, open_shells: int) -> str | None:
-    """Why a user holding ``open_shells`` shells may not open another (each is an ``srun --pty``)."""
-    if open_shells >= config.limit_shells:
-        return (f"limits.shells_per_user: you have {open_shells} shells open, the most allowed is "
-                f"{config.limit_shells}; exit one first")
     return None

@@ -162,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     progress.done()
     client.close()
+    if "direct" in result:
+        from . import direct
+
+        spec = result["direct"]
+        return direct.run(spec["host"], spec["port"], spec["key"], spec["argv"])
     return run_exec(result["exec"])
 
 

@@ -104,6 +104,8 @@ class Manager:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.controller_ok = True
+        #: NodeAddr by node name (how this login node reaches a session's agent directly).
+        self._node_addrs: dict[str, str] = {}
         self.last_poll = 0.0
         self.poll_cycles = 0
         self.poll_seconds = 0.0
@@ -811,6 +813,20 @@ class Manager:
             if exc.code != "not_found" or not await self.discover():
                 raise
         return self.resolve(ref, user, admin)
+
+    async def node_addr(self, node: str) -> str:
+        """The node's ``NodeAddr`` from SLURM (cached: it changes only with slurm.conf)."""
+        addr = self._node_addrs.get(node)
+        if addr is None:
+            result = await self.runner.run(commands.node_addr(node))
+            for line in result.stdout.splitlines():
+                name, _, value = line.strip().partition(" ")
+                if name == node and value.strip():
+                    addr = value.strip()
+            if not addr:
+                raise SessionError("no_node", f"session: SLURM gives no address for node {node!r}")
+            self._node_addrs[node] = addr
+        return addr
 
     async def job_has_steps(self, session: Session) -> bool | None:
         """Whether the session's job runs an ``srun`` step (a shell or command attached from any

@@ -91,8 +91,7 @@ class LiveCollector:
                                     "(status files, read at most every 10 s)",
                                     value=attached)
         if self.ops is not None:
-            policy = CounterMetricFamily("sbroker_policy_actions", "Idle warnings, idle ends and walltime "
-                                         "warnings delivered", labels=["action"])
+            policy = CounterMetricFamily("sbroker_policy_actions", "Idle warnings and idle ends", labels=["action"])
             for action, n in sorted(self.ops.counts.items()):
                 policy.add_metric([action], n)
             yield policy

@@ -113,7 +113,7 @@ class Operations:
             if session.state != State.READY:
                 continue
             status = await self.agents.status_of(session)
-            attached = bool(status and status.attachers)
+            attached = bool(status and status.busy)
             if attached:
                 self._seen_attached[session.id] = now
             await self._idle(session, attached, now, status.last_input if status else 0.0,

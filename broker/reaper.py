@@ -40,7 +40,7 @@ from typing import Any
 import anyio
 
 from . import jobspec, userfs
-from .agentlaunch import STATUS_SUFFIX
+from .agentlaunch import KEY_SUFFIX, STATUS_SUFFIX
 from . import log as _log
 from .container import _validate as v
 from .identity import UnknownUser, User, lookup_name
@@ -336,7 +336,7 @@ def _job_logs(owner: User, directory: Path) -> list[tuple[Path, str, float]]:
         except OSError:
             return out
         for entry in entries[:10000]:
-            suffix = next((s for s in (".log", STATUS_SUFFIX) if entry.name.endswith(s)), "")
+            suffix = next((s for s in (".log", STATUS_SUFFIX, KEY_SUFFIX) if entry.name.endswith(s)), "")
             if not (entry.name.startswith("sb-") and suffix):
                 continue
             try:

@@ -97,6 +97,9 @@ class Server:
         #: ``ensure`` with ``attach``: the argv and environment of the login's terminal
         #: (:class:`broker.attach.AttachHub`).
         self.attach_exec: Callable[[Connection, Session, dict[str, Any]], Awaitable[dict[str, Any]]] | None = None
+        #: ``ensure`` with a command and no terminal: where the session agent's direct stream is
+        #: (:class:`broker.attach.AttachHub`), or None to run it through ``srun``.
+        self.direct_stream: Callable[[Session, str, str], Awaitable[dict[str, Any] | None]] | None = None
 
     async def start(self) -> None:
         sock = bind_unix(Path(self.socket_path), "broker.socket", umask=0o111)
@@ -246,7 +249,11 @@ class Server:
         for observer in self.on_ensured:
             observer(session, warm, time.monotonic() - started)
         reply: dict[str, Any] = {"type": "result", "session": self.describe(session, conn)}
-        if command is not None:
+        if command is not None and not tty and self.direct_stream is not None:
+            direct = await self.direct_stream(session, command, term)
+            if direct is not None:
+                reply["direct"] = direct
+        if command is not None and "direct" not in reply:
             argv = command_argv(session.job_id, session.instance, session.user, session.project, command,
                                 tty=tty, term=term)
             reply["exec"] = {"argv": argv, "env": self.manager.runner.env(conn.user, {"TERM": safe_term(term)})}

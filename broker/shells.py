@@ -58,9 +58,8 @@ def shell_argv(job_id: str, instance: str, user: str, project: str, term: str | 
             *instance_shell_argv(instance, user, project, term)]
 
 
-def command_argv(job_id: str, instance: str, user: str, project: str, command: str, *,
-                 tty: bool, term: str | None) -> list[str]:
-    """``ssh host CMD``: CMD in the instance, streams and exit status passed through."""
+def instance_command_argv(instance: str, user: str, project: str, command: str, term: str | None) -> list[str]:
+    """``ssh host CMD``: CMD in the instance (what the session agent runs for a direct stream)."""
     if "\0" in command:
         raise ValueError("command: must not contain NUL bytes")
     if len(command) > 128 * 1024:
@@ -70,10 +69,16 @@ def command_argv(job_id: str, instance: str, user: str, project: str, command: s
         inner = [SFTP_SERVER, *words[1:]]
     else:
         inner = ["/bin/bash", "-c", command]
+    return ["apptainer", "exec", *_identity(user, project, term or ""),
+            "--pwd", f"/home/{validate_username(user)}",
+            f"instance://{validate_instance_name(instance)}", *inner]
+
+
+def command_argv(job_id: str, instance: str, user: str, project: str, command: str, *,
+                 tty: bool, term: str | None) -> list[str]:
+    """``ssh host CMD`` through ``srun``: with a terminal, or when direct streams are off."""
     # --unbuffered: without it slurmstepd holds task output until a newline, which
     # stalls every binary protocol (sftp, scp, rsync) waiting for a reply.
     return ["srun", "--overlap", *(["--pty"] if tty else ["--unbuffered"]),
             f"--jobid={validate_job_id(job_id)}",
-            "apptainer", "exec", *_identity(user, project, term or ""),
-            "--pwd", f"/home/{validate_username(user)}",
-            f"instance://{validate_instance_name(instance)}", *inner]
+            *instance_command_argv(instance, user, project, command, term)]

@@ -34,12 +34,15 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import hashlib
+import hmac
 import json
 import os
 import selectors
 import signal
 import socket
 import stat
+import secrets
 import struct
 import sys
 import termios
@@ -174,8 +177,13 @@ class Shell:
 class Agent:
     def __init__(self, directory: str, *, status_path: str = "", grace: float = 600.0,
                  scrollback: int = 64 * 1024, max_shells: int = 64, max_detached: int = 8,
-                 walltime_marks: tuple[int, ...] = (), job_id: str = "") -> None:
+                 walltime_marks: tuple[int, ...] = (), job_id: str = "", listen: str = "",
+                 key_path: str = "", max_commands: int = 128) -> None:
         self.directory = directory
+        self.listen = listen
+        self.key_path = key_path
+        self.streams: Streams | None = None
+        self.max_commands = max_commands
         self.status_path = status_path
         self.grace = grace
         self.scrollback_limit = scrollback
@@ -214,6 +222,14 @@ class Agent:
             max_detached=self.max_detached, python=sys.version.split()[0])
         self._write_status()
         tasks = [asyncio.ensure_future(self._walltime_loop())]
+        if self.listen and self.key_path:
+            self.streams = Streams(self, self.listen, self.key_path, self.max_commands)
+            try:
+                tasks.append(self.streams.start())
+            except OSError as exc:
+                log("streams_unavailable", listen=self.listen, error=exc.strerror or str(exc))
+                self.streams = None
+            self._write_status()
         await self.stopping.wait()
         log("agent_stopping", shells=len(self.shells))
         server.close()
@@ -226,6 +242,8 @@ class Agent:
             if not shell.exited:
                 log("shell_killed", shell=shell.id, why="still running 3s after the hangup")
                 self._signal(shell, signal.SIGKILL)
+        if self.streams is not None:
+            self.streams.stop()
         for task in tasks:
             task.cancel()
         try:
@@ -498,6 +516,8 @@ class Agent:
             pass
 
     def _reap(self) -> None:
+        if self.streams is not None:
+            self.streams.reap()
         for shell in list(self.shells.values()):
             if shell.exited:
                 continue
@@ -548,7 +568,9 @@ class Agent:
                 "shells": len(live), "writers": sum(1 for s in live if s.writer is not None),
                 "observers": sum(len(s.observers) for s in live),
                 "detached": sum(1 for s in live if s.writer is None and s.detached_at is not None),
-                "last_input": round(self.last_input, 3), "last_attach": round(self.last_attach, 3)}
+                "last_input": round(self.last_input, 3), "last_attach": round(self.last_attach, 3),
+                "commands": len(self.streams.commands) if self.streams else 0,
+                "port": self.streams.port if self.streams else 0}
 
     def _status_changed(self) -> None:
         if self.status_timer is None:
@@ -622,6 +644,311 @@ class Agent:
         if not delivered:
             self.unread_notices = [text]
         log("walltime_warning", mark=mark, seconds_left=seconds, delivered=delivered)
+
+
+# --------------------------------------------------------------------------- direct streams
+
+#: The first bytes of a direct connection, then the client's nonce.
+STREAM_MAGIC = b"SBA1"
+NONCE = 32
+HANDSHAKE_TIMEOUT = 10.0
+PAIR_TIMEOUT = 10.0
+MAX_REQUEST = 256 * 1024
+#: stderr waiting for a slow client beyond this stops being read (the command then blocks).
+STDERR_HIGH_WATER = 1024 * 1024
+
+
+def stream_mac(key: bytes, role: bytes, client_nonce: bytes, server_nonce: bytes) -> bytes:
+    return hmac.new(key, role + client_nonce + server_nonce, hashlib.sha256).digest()
+
+
+class Command:
+    """A running command: its pid, its stderr pipe and the client's control connection."""
+
+    def __init__(self, pid: int, err_fd: int, control: socket.socket) -> None:
+        self.pid = pid
+        self.err_fd = err_fd
+        self.control = control
+        self.frames: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.pending = 0
+        self.reading = True
+
+
+class Streams:
+    """Commands over direct TCP streams from login nodes, bypassing ``srun``'s stdio forwarding.
+
+    Why: ``srun`` forwards a step's stdio through slurmstepd at a fraction of ssh's speed;
+    a transfer (scp, sftp, rsync, ``ssh host cmd``) through it is 3-5 times slower than the
+    same through plain ssh. Here the command's stdin and stdout *are* a TCP socket from the
+    login node: no copy in this process at all.
+
+    A client proves it knows the session key (a file only the user can read, beside the job
+    log) and the agent proves it too, before any data: ``SBA1 | client nonce``, then
+    ``server nonce | HMAC(key, "server" | nonces)``, then ``HMAC(key, "client" | nonces)``
+    (both compared in constant time). So another user who can reach the port can neither use
+    it nor, listening on it after the session ends, receive anything from a login. The bytes
+    are not encrypted: they stay on the cluster's internal network between login and compute
+    nodes, as srun's own stdio does.
+
+    A command is two connections: ``exec`` (its stdin and stdout, handed to the command as
+    fds 0 and 1) and ``stderr`` (the command's stderr in frames, then ``exit`` with its
+    status). The argv is the user's own to choose: it runs as the user, in the user's job.
+    """
+
+    def __init__(self, agent: Agent, listen: str, key_path: str, max_commands: int) -> None:
+        self.agent = agent
+        self.loop = agent.loop
+        self.listen = listen
+        self.key_path = key_path
+        self.max_commands = max_commands
+        self.key = b""
+        self.port = 0
+        self.commands: dict[int, Command] = {}
+        self.waiting: dict[str, tuple[socket.socket, list[str], asyncio.Future]] = {}
+        self.listener: socket.socket | None = None
+
+    def start(self) -> asyncio.Future:
+        key = secrets.token_bytes(32)
+        fd = os.open(self.key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, key.hex().encode() + b"\n")
+        finally:
+            os.close(fd)
+        self.key = key
+        listener = socket.socket(socket.AF_INET6 if ":" in self.listen else socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self.listen, 0))
+        listener.listen(128)
+        listener.setblocking(False)
+        self.listener = listener
+        self.port = listener.getsockname()[1]
+        log("streams_listening", listen=self.listen, port=self.port)
+        return asyncio.ensure_future(self._accept_loop())
+
+    def stop(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+        for command in list(self.commands.values()):
+            _kill_group(command.pid, signal.SIGHUP)
+
+    async def _accept_loop(self) -> None:
+        assert self.listener is not None
+        while True:
+            sock, _ = await self.loop.sock_accept(self.listener)
+            asyncio.ensure_future(self._serve(sock))
+
+    async def _recv_exactly(self, sock: socket.socket, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = await self.loop.sock_recv(sock, n - len(data))
+            if not chunk:
+                raise ConnectionError("closed during the handshake")
+            data += chunk
+        return data
+
+    async def _recv_line(self, sock: socket.socket) -> dict:
+        data = b""
+        while not data.endswith(b"\n"):
+            if len(data) > MAX_REQUEST:
+                raise ValueError("request: too long")
+            chunk = await self.loop.sock_recv(sock, 1)  # byte by byte: nothing past the line is consumed
+            if not chunk:
+                raise ConnectionError("closed before the request")
+            data += chunk
+        message = json.loads(data.decode())
+        if not isinstance(message, dict):
+            raise ValueError("request: must be a JSON object")
+        return message
+
+    async def _handshake(self, sock: socket.socket) -> None:
+        hello = await self._recv_exactly(sock, len(STREAM_MAGIC) + NONCE)
+        if not hello.startswith(STREAM_MAGIC):
+            raise ValueError("handshake: not a sbroker stream")
+        client_nonce, server_nonce = hello[len(STREAM_MAGIC):], secrets.token_bytes(NONCE)
+        await self.loop.sock_sendall(sock, server_nonce + stream_mac(self.key, b"server", client_nonce, server_nonce))
+        proof = await self._recv_exactly(sock, 32)
+        if not hmac.compare_digest(proof, stream_mac(self.key, b"client", client_nonce, server_nonce)):
+            raise PermissionError("handshake: wrong session key")
+
+    async def _serve(self, sock: socket.socket) -> None:
+        keep = False
+        try:
+            sock.setblocking(False)
+            await asyncio.wait_for(self._handshake(sock), HANDSHAKE_TIMEOUT)
+            request = await asyncio.wait_for(self._recv_line(sock), HANDSHAKE_TIMEOUT)
+            op = request.get("op")
+            if op == "exec":
+                keep = await self._exec(sock, request)
+            elif op == "stderr":
+                keep = self._pair(sock, request)
+            else:
+                await self.loop.sock_sendall(sock, b'{"error": "op: must be exec or stderr"}\n')
+        except PermissionError as exc:
+            log("stream_refused", why=str(exc))
+        except (ConnectionError, OSError, ValueError, asyncio.TimeoutError) as exc:
+            log("stream_dropped", why=str(exc) or type(exc).__name__)
+        finally:
+            if not keep:
+                sock.close()
+
+    async def _exec(self, sock: socket.socket, request: dict) -> bool:
+        argv = request.get("argv")
+        if not (isinstance(argv, list) and argv and all(isinstance(a, str) and "\0" not in a for a in argv)):
+            await self.loop.sock_sendall(sock, b'{"error": "argv: must be a non-empty list of strings"}\n')
+            return False
+        if len(self.commands) + len(self.waiting) >= self.max_commands:
+            log("limit_refused", rule="commands", limit=self.max_commands)
+            await self.loop.sock_sendall(sock, json.dumps({"error": f"at most {self.max_commands} commands at "
+                                                           "once in a session; retry when some have ended"}
+                                                          ).encode() + b"\n")
+            return False
+        token = secrets.token_hex(16)
+        paired: asyncio.Future = self.loop.create_future()
+        self.waiting[token] = (sock, argv, paired)
+        await self.loop.sock_sendall(sock, json.dumps({"token": token}).encode() + b"\n")
+        try:
+            control = await asyncio.wait_for(paired, PAIR_TIMEOUT)
+        except asyncio.TimeoutError:
+            log("stream_dropped", why="no stderr connection followed the exec")
+            return False
+        finally:
+            self.waiting.pop(token, None)
+        self._spawn(sock, control, argv)
+        return False  # the command holds its own copies; this one is closed
+
+    def _pair(self, sock: socket.socket, request: dict) -> bool:
+        entry = self.waiting.get(str(request.get("token", "")))
+        if entry is None or entry[2].done():
+            return False
+        entry[2].set_result(sock)
+        return True
+
+    def _spawn(self, data: socket.socket, control: socket.socket, argv: list[str]) -> None:
+        data.setblocking(True)  # the command's fds 0 and 1: blocking, as any program expects
+        err_r, err_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.setsid()
+                os.dup2(data.fileno(), 0)
+                os.dup2(data.fileno(), 1)
+                os.dup2(err_w, 2)
+                os.closerange(3, 65536)
+                signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+                os.execvpe(argv[0], argv, dict(os.environ))
+            except BaseException as exc:  # noqa: BLE001 - the child must never return
+                try:
+                    os.write(2, f"sbroker agent: cannot run {argv[0]}: {exc}\n".encode())
+                finally:
+                    os._exit(127)
+        os.close(err_w)
+        data.close()
+        os.set_blocking(err_r, False)
+        command = Command(pid, err_r, control)
+        self.commands[pid] = command
+        self.loop.add_reader(err_r, self._on_stderr, command)
+        self.loop.add_reader(control.fileno(), self._on_control, command)
+        asyncio.ensure_future(self._send_loop(command))
+        self.agent.last_input = time.time()
+        self.agent._status_changed()
+        log("command_started", pid=pid, argv0=os.path.basename(argv[0]))
+
+    def _on_stderr(self, command: Command) -> None:
+        try:
+            data = os.read(command.err_fd, MAX_DATA)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._pause(command)
+            return
+        self._send(command, encode(KIND_OUTPUT, data))
+        if command.pending > STDERR_HIGH_WATER:
+            self._pause(command)  # the client is not reading: the command blocks on its stderr
+
+    def _on_control(self, command: Command) -> None:
+        """The client sends nothing after its request: readable means it went away (sshd hung
+        up): the command is hung up, as ``srun`` cancels its step on SIGHUP."""
+        try:
+            self.loop.remove_reader(command.control.fileno())
+        except (ValueError, OSError):
+            pass
+        if command.pid in self.commands:
+            log("command_hangup", pid=command.pid, why="the client's connection closed")
+            _kill_group(command.pid, signal.SIGHUP)
+
+    def _pause(self, command: Command) -> None:
+        if command.reading:
+            command.reading = False
+            try:
+                self.loop.remove_reader(command.err_fd)
+            except (ValueError, OSError):
+                pass
+
+    def _send(self, command: Command, frame: bytes | None) -> None:
+        command.pending += len(frame or b"")
+        command.frames.put_nowait(frame)
+
+    async def _send_loop(self, command: Command) -> None:
+        """Frames to the control connection in order; None ends it."""
+        broken = False
+        while True:
+            frame = await command.frames.get()
+            if frame is None:
+                break
+            command.pending -= len(frame)
+            if not broken:
+                try:
+                    await self.loop.sock_sendall(command.control, frame)
+                except OSError:
+                    broken = True  # the client went away; the command still runs to its end
+            if (not command.reading and command.pending < STDERR_HIGH_WATER // 2 and command.err_fd >= 0
+                    and command.pid in self.commands):
+                command.reading = True
+                self.loop.add_reader(command.err_fd, self._on_stderr, command)
+        try:
+            self.loop.remove_reader(command.control.fileno())
+        except (ValueError, OSError):
+            pass
+        command.control.close()
+
+    def reap(self) -> None:
+        for pid, command in list(self.commands.items()):
+            try:
+                done, wait_status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done, wait_status = pid, 0
+            if not done:
+                continue
+            code = os.waitstatus_to_exitcode(wait_status)
+            status = 128 - code if code < 0 else code
+            _kill_group(pid, signal.SIGKILL)  # what is left of it ends with it, as in a step
+            while True:
+                try:
+                    data = os.read(command.err_fd, MAX_DATA)
+                except OSError:
+                    break
+                if not data:
+                    break
+                self._send(command, encode(KIND_OUTPUT, data))
+            self._pause(command)
+            os.close(command.err_fd)
+            command.err_fd = -1
+            self._send(command, encode_json({"type": "exit", "status": status}))
+            self._send(command, None)
+            del self.commands[pid]
+            self.agent.last_input = time.time()
+            self.agent._status_changed()
+            log("command_exited", pid=pid, status=status)
+
+
+def _kill_group(pid: int, signum: int) -> None:
+    try:
+        os.killpg(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 # --------------------------------------------------------------------------- attach (client)
@@ -822,7 +1149,8 @@ def main(argv: list[str] | None = None) -> int:
                           scrollback=int(opts.get("scrollback", str(64 * 1024))),
                           max_shells=int(opts.get("max-shells", "64")),
                           max_detached=int(opts.get("max-detached", "8")), walltime_marks=marks,
-                          job_id=opts.get("job", ""))
+                          job_id=opts.get("job", ""), listen=opts.get("listen", ""),
+                          key_path=opts.get("key", ""), max_commands=int(opts.get("max-commands", "128")))
 
         async def serve() -> int:
             return await Agent(opts.get("dir") or os.path.dirname(os.path.abspath(__file__)), **agent_args).run()

@@ -6,6 +6,7 @@ the queries and controls around them. Nothing here runs anything.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from .parse import poll_format
@@ -42,6 +43,13 @@ def scancel(job_id: str, *, signal: str | None = None) -> list[str]:
     if signal:
         argv.append(f"--signal={signal}")
     return [*argv, job_id]
+
+
+def node_addr(node: str) -> list[str]:
+    """``NODE_ADDR`` of one node (how the login node reaches it: the direct streams)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", node):
+        raise ValueError(f"node: must be a plain node name (got {node!r})")
+    return ["sinfo", "--noheader", "--Node", f"--nodes={node}", "--format=%N %o"]
 
 
 def sdiag() -> list[str]:

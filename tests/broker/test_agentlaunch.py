@@ -20,7 +20,7 @@ from broker.config import Config
 
 GOOD = {"v": 1, "pid": 10, "dir": "/tmp/sbroker-agent.AbC123", "python": "/usr/bin/python3", "started": 1.0,
         "time": 2.0, "shells": 1, "writers": 1, "observers": 0, "detached": 0, "last_input": 1.5,
-        "last_attach": 1.2}
+        "last_attach": 1.2, "commands": 0, "port": 40000}
 
 
 def test_a_valid_status_parses():
@@ -30,7 +30,7 @@ def test_a_valid_status_parses():
 
 @pytest.mark.parametrize("change", [
     {"v": 2}, {"dir": "tmp/relative"}, {"dir": "/tmp/../etc"}, {"dir": "/tmp/a b"}, {"dir": "/tmp/x;rm -rf ~"},
-    {"python": "python3"}, {"python": "/usr/bin/python3\n"}, {"shells": -1}, {"writers": True},
+    {"python": "python3"}, {"python": "/usr/bin/python3\n"}, {"shells": -1}, {"writers": True}, {"port": 70000},
     {"observers": 1 << 40}, {"detached": "1"}, {"last_input": time.time() + 10 * 86400}, {"time": None},
     {"dir": "/" + "a" * 300},
 ])

@@ -25,6 +25,7 @@ def run(chunks: list[bytes]) -> bytes:
     ([b"oops", REPORT], b"oops"),                      # separate write: still srun's
     ([b"srun: err", b"or: vm: task 0: Exited with exit code 3\n"], b""),
     ([b"srun: error: vm: tasks 0-3: Exited with exit code 1\n"], b""),
+    ([b"srun: error: node1: task 0: Exited with exit code 1\r\n"], b""),  # --pty: the terminal is raw
     ([b"srun: error: Unable to create step for job 7: Invalid job id specified\n"],
      b"srun: error: Unable to create step for job 7: Invalid job id specified\n"),
     ([b"x " + REPORT], b"x " + REPORT),                 # mid-line: the user's text

@@ -1,0 +1,192 @@
+"""Run ``ssh host cmd`` over a direct stream to the session agent (standard library only).
+
+Imported by ``sbroker login`` for commands without a terminal (scp, sftp, rsync, ``ssh
+host 'cat f'``): the command's stdin and stdout are a TCP connection straight to the
+session's agent on the compute node (:class:`broker.agent.sessionagent.Streams`), which
+hands it to the command as fds 0 and 1. ``srun``'s stdio forwarding, which caps transfers
+at a third of ssh's speed, is not in the path: the bytes cross this process (one thread
+each way, 1 MiB reads) and the kernel's TCP stack, nothing else.
+
+Both sides prove they know the session key (a file only the user can read) before any
+data moves; see the agent's docstring. A failure to reach or authenticate the agent is one
+line on stderr and status 255, as ssh reports a failed connection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import signal
+import socket
+import struct
+import sys
+import threading
+
+MAGIC = b"SBA1"
+NONCE = 32
+CONNECT_TIMEOUT = 10.0
+EXIT_LOST = 255
+#: After the command's exit status arrives, how long its stdout may still drain.
+DRAIN_AFTER_EXIT = 5.0
+_HEADER = struct.Struct(">cI")
+CHUNK = 1 << 20
+
+
+class StreamError(Exception):
+    """The agent could not be reached, or did not prove it is this session's."""
+
+
+def _mac(key: bytes, role: bytes, client_nonce: bytes, server_nonce: bytes) -> bytes:
+    return hmac.new(key, role + client_nonce + server_nonce, hashlib.sha256).digest()
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise StreamError("the session agent closed the connection during the handshake")
+        data += chunk
+    return data
+
+
+def _recv_line(sock: socket.socket) -> dict[str, object]:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(1)
+        if not chunk or len(data) > 65536:
+            raise StreamError("the session agent did not answer the request")
+        data += chunk
+    return json.loads(data.decode())
+
+
+def open_stream(host: str, port: int, key: bytes, request: dict[str, object]) -> tuple[socket.socket, dict]:
+    """Connect, authenticate both ways, send ``request``; return the socket and the reply."""
+    try:
+        sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+    except OSError as exc:
+        raise StreamError(f"cannot reach the session agent at {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        client_nonce = secrets.token_bytes(NONCE)
+        sock.sendall(MAGIC + client_nonce)
+        answer = _recv_exactly(sock, NONCE + 32)
+        server_nonce, proof = answer[:NONCE], answer[NONCE:]
+        if not hmac.compare_digest(proof, _mac(key, b"server", client_nonce, server_nonce)):
+            raise StreamError(f"the listener at {host}:{port} is not this session's agent (wrong key proof)")
+        sock.sendall(_mac(key, b"client", client_nonce, server_nonce))
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        reply = _recv_line(sock) if request.get("op") == "exec" else {}
+    except OSError as exc:
+        sock.close()
+        raise StreamError(f"the session agent at {host}:{port}: {exc.strerror or exc}") from None
+    except StreamError:
+        sock.close()
+        raise
+    sock.settimeout(None)
+    return sock, reply
+
+
+def read_key(path: str) -> bytes:
+    """The session key (hex in a file of the user's, beside the job log)."""
+    try:
+        with open(path, "rb") as fh:
+            return bytes.fromhex(fh.read(200).decode().strip())
+    except (OSError, ValueError) as exc:
+        raise StreamError(f"cannot read the session key {path}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def _pump(src: int, dst: int, on_end=None) -> None:
+    """Move bytes until EOF with ``read``/``write`` of up to 1 MiB.
+
+    Not ``splice(2)``: from a TCP socket into sshd's pipe, or from the pipe into the
+    socket, it waits to fill the whole length while the other side stays open, so a
+    request/reply protocol (sftp) stalls on its first small message.
+    """
+    try:
+        while True:
+            data = os.read(src, CHUNK)
+            if not data:
+                break
+            view = memoryview(data)
+            while view:
+                view = view[os.write(dst, view):]
+    except OSError:
+        pass
+    finally:
+        if on_end is not None:
+            on_end()
+
+
+def run(host: str, port: int, key_path: str, argv: list[str]) -> int:
+    """Run ``argv`` in the session through its agent; return its exit status."""
+    try:
+        key = read_key(key_path)
+        data, reply = open_stream(host, port, key, {"op": "exec", "argv": argv})
+        if "token" not in reply:
+            data.close()
+            raise StreamError(str(reply.get("error") or "the session agent refused the command"))
+        control, _ = open_stream(host, port, key, {"op": "stderr", "token": reply["token"]})
+    except StreamError as exc:
+        sys.stderr.write(f"sbroker: {exc}\n")
+        return EXIT_LOST
+
+    def hang_up(signum: int, frame: object) -> None:
+        # sshd hung up: closing the control connection makes the agent hang the command up.
+        try:
+            control.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    for sig in (signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, hang_up)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+    def stdin_done() -> None:
+        try:
+            data.shutdown(socket.SHUT_WR)  # the command reads EOF
+        except OSError:
+            pass
+
+    upload = threading.Thread(target=_pump, args=(0, data.fileno(), stdin_done), daemon=True)
+    download = threading.Thread(target=_pump, args=(data.fileno(), 1), daemon=True)
+    upload.start()
+    download.start()
+    status = _control_loop(control)
+    download.join(DRAIN_AFTER_EXIT)
+    data.close()
+    control.close()
+    return status
+
+
+def _control_loop(control: socket.socket) -> int:
+    """Write the command's stderr frames to fd 2 until its exit status arrives."""
+    buf = bytearray()
+    while True:
+        try:
+            chunk = control.recv(1 << 16)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            sys.stderr.write("sbroker: the session agent went away before the command ended\n")
+            return EXIT_LOST
+        buf += chunk
+        while len(buf) >= _HEADER.size:
+            kind, length = _HEADER.unpack(bytes(buf[:_HEADER.size]))
+            if len(buf) < _HEADER.size + length:
+                break
+            payload = bytes(buf[_HEADER.size:_HEADER.size + length])
+            del buf[:_HEADER.size + length]
+            if kind == b"O":
+                view = memoryview(payload)
+                while view:
+                    try:
+                        view = view[os.write(2, view):]
+                    except OSError:
+                        break
+            elif kind == b"J":
+                message = json.loads(payload.decode())
+                if message.get("type") == "exit":
+                    return int(message.get("status", EXIT_LOST))
