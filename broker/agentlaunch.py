@@ -42,6 +42,13 @@ START_WAIT_TENTHS = 100
 #: characters only (it becomes an argv word; it never reaches a shell on the login node).
 _PATH_RE = re.compile(r"^/[A-Za-z0-9._/+-]{1,255}$")
 _HEREDOC_END = "SBROKER_AGENT_SOURCE_END"
+MODULE_FILE = "sessionagent.py"
+#: ``agent.py`` imports the agent as a module, so its bytecode is cached (``__pycache__`` in the
+#: private directory, written by ``serve``) and an attach does not compile 40 KB of source.
+_STUB = """import os, sys
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sessionagent
+sys.exit(sessionagent.main())"""
 
 
 @functools.lru_cache(maxsize=1)
@@ -78,7 +85,8 @@ def serve_argv(config: Config, status: Path) -> list[str]:
     return [*streams, "--status", str(status), "--grace", f"{config.detach_grace:g}",
             "--scrollback", str(config.scrollback_bytes), "--max-shells", str(config.limit_shells),
             "--max-detached", str(config.limit_detached),
-            "--walltime-warnings", ",".join(str(m) for m in config.walltime_warnings)]
+            "--walltime-warnings", ",".join(str(m) for m in config.walltime_warnings),
+            "--spare", "1" if config.spare_shell else "0"]
 
 
 def start_snippet(config: Config, status: Path) -> str:
@@ -97,8 +105,11 @@ if [ -z "$agent_python" ] || ! "$agent_python" -c 'import sys; sys.exit(sys.vers
 fi
 agent_dir=$(mktemp -d "${{TMPDIR:-/tmp}}/sbroker-agent.XXXXXXXX") \
     || fail "cannot create the session agent's directory in ${{TMPDIR:-/tmp}} on $(hostname -s 2>/dev/null)"
-cat >"$agent_dir/{AGENT_FILE}" <<'{_HEREDOC_END}'
+cat >"$agent_dir/{MODULE_FILE}" <<'{_HEREDOC_END}'
 {agent_source().rstrip()}
+{_HEREDOC_END}
+cat >"$agent_dir/{AGENT_FILE}" <<'{_HEREDOC_END}'
+{_STUB}
 {_HEREDOC_END}
 rm -f "$agent_status"
 "$agent_python" -I -S "$agent_dir/{AGENT_FILE}" serve --dir "$agent_dir" {options} --job "${{SLURM_JOB_ID:-}}" \

@@ -91,6 +91,7 @@ class Config:
     idle_timeout: float = 0.0
     walltime_warnings: tuple[int, ...] = (1800, 300)
     scrollback_bytes: int = 64 * 1024
+    spare_shell: bool = True
     idle_grace: float = 300.0
 
     reaper_interval: float = 600.0
@@ -161,6 +162,7 @@ _FIELDS: list[tuple[str, str, str, str]] = [
     ("timeouts", "idle", "idle_timeout", "float:0:604800"),
     ("timeouts", "walltime_warnings", "walltime_warnings", "intlist"),
     ("timeouts", "scrollback_bytes", "scrollback_bytes", "int:0:16777216"),
+    ("timeouts", "spare_shell", "spare_shell", "bool"),
     ("timeouts", "idle_grace", "idle_grace", "float:0:604800"),
     ("reaper", "interval", "reaper_interval", "float:0:604800"),
     ("reaper", "retention", "reaper_retention", "float:3600:31536000"),

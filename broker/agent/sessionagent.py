@@ -32,22 +32,35 @@ dropped. Frames are those of :mod:`broker.protocol`: ``kind | length (4, BE) | p
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
-import hashlib
-import hmac
 import json
 import os
 import selectors
 import signal
 import socket
 import stat
-import secrets
 import struct
 import sys
 import termios
 import time
 import tty
+
+if False:  # for type checkers: these are imported by ``serve`` only (see _serve_imports)
+    import asyncio
+    import hashlib
+    import hmac
+    import secrets
+
+
+def _serve_imports() -> None:
+    """``serve`` needs asyncio and the crypto modules; ``attach`` does not. Importing asyncio
+    alone costs about 30 ms, on the path of every interactive login's prompt."""
+    global asyncio, hashlib, hmac, secrets
+    import asyncio
+    import hashlib
+    import hmac
+    import secrets
+
 
 HEADER = struct.Struct(">cI")
 KIND_JSON, KIND_OUTPUT, KIND_INPUT = b"J", b"O", b"I"
@@ -63,6 +76,11 @@ SIGNAL_KEYS = {"INT": b"\x03", "QUIT": b"\x1c"}
 #: minutes; attach and detach are written at once).
 STATUS_INPUT_INTERVAL = 15.0
 FIRST_MESSAGE_TIMEOUT = 30.0
+#: A spare shell (``--spare 1``) is started this long after a login took one, and replaced
+#: when older than SPARE_MAX_AGE or when a dotfile changed since it started.
+SPARE_DELAY = 1.0
+SPARE_MAX_AGE = 3600.0
+DOTFILES = (".bashrc", ".bash_profile", ".bash_login", ".profile", ".inputrc")
 HANGUP_KILL_AFTER = 5.0
 EXIT_LOST = 255
 
@@ -166,6 +184,9 @@ class Shell:
         self.closed = False
         self.exited = False
         self.input_drained = asyncio.Event()
+        #: Started ahead for the next login (not yet given to anyone); what it was started with.
+        self.spare = False
+        self.spare_key: tuple = ()
 
     def record(self, data: bytes) -> None:
         self.scrollback += data
@@ -178,8 +199,11 @@ class Agent:
     def __init__(self, directory: str, *, status_path: str = "", grace: float = 600.0,
                  scrollback: int = 64 * 1024, max_shells: int = 64, max_detached: int = 8,
                  walltime_marks: tuple[int, ...] = (), job_id: str = "", listen: str = "",
-                 key_path: str = "", max_commands: int = 128) -> None:
+                 key_path: str = "", max_commands: int = 128, spare: bool = False) -> None:
+        _serve_imports()
         self.directory = directory
+        self.spare_enabled = spare
+        self.spare: Shell | None = None
         self.listen = listen
         self.key_path = key_path
         self.streams: Streams | None = None
@@ -280,6 +304,7 @@ class Agent:
             await conn.send({"type": "error", "message": "mode: must be write or observe"})
             return
         rows, cols = _size(message)
+        fresh = False
         if mode == "observe":
             shell = self._pick_observed()
             if shell is None:
@@ -295,15 +320,18 @@ class Agent:
                 if not (isinstance(argv, list) and argv and all(isinstance(a, str) and "\0" not in a for a in argv)):
                     await conn.send({"type": "error", "message": "argv: must be a non-empty list of strings"})
                     return
-                open_shells = sum(1 for s in self.shells.values() if not s.closed)
-                if open_shells >= self.max_shells:
-                    log("limit_refused", rule="shells", limit=self.max_shells)
-                    await conn.send({"type": "error", "message":
-                                     f"limits.shells_per_user: at most {self.max_shells} shells in a session; "
-                                     "exit one (or reattach a detached one) and retry"})
-                    return
-                term = message.get("term") if isinstance(message.get("term"), str) else ""
-                shell = self._spawn(argv, rows, cols, term[:64])
+                term = (message.get("term") if isinstance(message.get("term"), str) else "")[:64]
+                shell = self._take_spare(argv, term)
+                fresh = shell is not None  # its prompt is in its scrollback: replayed below
+                if shell is None:
+                    if self._open_shells() >= self.max_shells:
+                        log("limit_refused", rule="shells", limit=self.max_shells)
+                        await conn.send({"type": "error", "message":
+                                         f"limits.shells_per_user: at most {self.max_shells} shells in a session; "
+                                         "exit one (or reattach a detached one) and retry"})
+                        return
+                    shell = self._spawn(argv, rows, cols, term)
+                self._schedule_spare(argv, term)
             shell.writer, shell.detached_at = conn, None
             set_winsize(shell.master, rows, cols)
         now = time.time()
@@ -312,7 +340,7 @@ class Agent:
         log(event, shell=shell.id, rows=rows, cols=cols)
         self._status_changed()
         await conn.send({"type": "attached", "terminal": shell.id, "mode": mode, "reattached": reattached})
-        if reattached and shell.scrollback:
+        if (reattached or fresh) and shell.scrollback:
             replay = bytes(shell.scrollback)
             for start in range(0, len(replay), MAX_DATA):
                 conn.writer.write(encode(KIND_OUTPUT, replay[start:start + MAX_DATA]))
@@ -333,7 +361,45 @@ class Agent:
         notice = f"\r\n[sbroker: {text}]\r\n".encode()
         log("announce", shell=shell.id, text=text)
         for other in self.shells.values():
-            self._deliver(other, notice)
+            if not other.spare:
+                self._deliver(other, notice)
+
+    # ------------------------------------------------------------ the spare shell
+
+    def _open_shells(self) -> int:
+        return sum(1 for s in self.shells.values() if not s.closed and not s.spare)
+
+    def _take_spare(self, argv: list[str], term: str) -> Shell | None:
+        """The spare shell for a new login, if it was started the way this login asks, is under
+        SPARE_MAX_AGE old and no dotfile changed since (a user who just edited ``~/.bashrc``
+        must get a shell that read it); else it is hung up and None is returned."""
+        spare, self.spare = self.spare, None
+        if spare is None:
+            return None
+        if (spare.closed or spare.spare_key != (tuple(argv), term, _dotfile_stamps())
+                or time.time() - spare.started > SPARE_MAX_AGE):
+            self.hangup(spare, "spare shell out of date")
+            return None
+        spare.spare = False
+        log("spare_taken", shell=spare.id)
+        return spare
+
+    def _schedule_spare(self, argv: list[str], term: str) -> None:
+        if self.spare_enabled and self.spare is None:
+            self.loop.call_later(SPARE_DELAY, self._start_spare, list(argv), term)
+
+    def _start_spare(self, argv: list[str], term: str) -> None:
+        """Start a shell ahead, so the next login's prompt is already there. It does not count
+        against ``--max-shells`` and is started only while there is room for one more."""
+        if self.spare is not None or self.stopping.is_set():
+            return
+        if self._open_shells() >= self.max_shells:
+            log("spare_skipped", why=f"{self.max_shells} shells open, the most allowed")
+            return
+        shell = self._spawn(argv, 24, 80, term)
+        shell.spare, shell.spare_key = True, (tuple(argv), term, _dotfile_stamps())
+        self.spare = shell
+        log("spare_started", shell=shell.id)
 
     def _pick_detached(self) -> Shell | None:
         detached = [s for s in self.shells.values() if s.writer is None and s.detached_at is not None
@@ -341,7 +407,7 @@ class Agent:
         return min(detached, key=lambda s: s.detached_at or 0.0) if detached else None
 
     def _pick_observed(self) -> Shell | None:
-        shells = [s for s in self.shells.values() if not s.closed]
+        shells = [s for s in self.shells.values() if not s.closed and not s.spare]
         return max(shells, key=lambda s: (s.writer is not None, s.last_input)) if shells else None
 
     async def _pump(self, shell: Shell, conn: Conn, mode: str) -> None:
@@ -556,13 +622,15 @@ class Agent:
                 conn.writer.close()
         os.close(shell.master)
         self.shells.pop(shell.id, None)
+        if self.spare is shell:
+            self.spare = None
         log("shell_exited", shell=shell.id, status=status)
         self._status_changed()
 
     # ------------------------------------------------------------ status for the broker
 
     def status(self) -> dict:
-        live = [s for s in self.shells.values() if not s.closed]
+        live = [s for s in self.shells.values() if not s.closed and not s.spare]
         return {"v": 1, "pid": os.getpid(), "dir": self.directory, "python": sys.executable,
                 "started": round(self.started, 3), "time": round(time.time(), 3),
                 "shells": len(live), "writers": sum(1 for s in live if s.writer is not None),
@@ -944,6 +1012,19 @@ class Streams:
             log("command_exited", pid=pid, status=status)
 
 
+def _dotfile_stamps() -> tuple:
+    """``(name, mtime_ns, size)`` of the shell's dotfiles in ``$HOME`` (None when absent)."""
+    home = os.environ.get("HOME", "")
+    stamps = []
+    for name in DOTFILES:
+        try:
+            st = os.stat(os.path.join(home, name))
+            stamps.append((name, st.st_mtime_ns, st.st_size))
+        except OSError:
+            stamps.append((name, None, None))
+    return tuple(stamps)
+
+
 def _kill_group(pid: int, signum: int) -> None:
     try:
         os.killpg(pid, signum)
@@ -1144,13 +1225,15 @@ def main(argv: list[str] | None = None) -> int:
     command = args.pop(0) if args else ""
     opts, rest = _options(args)
     if command == "serve":
+        _serve_imports()
         marks = tuple(int(m) for m in opts.get("walltime-warnings", "").split(",") if m.strip().isdigit())
         agent_args = dict(status_path=opts.get("status", ""), grace=float(opts.get("grace", "600")),
                           scrollback=int(opts.get("scrollback", str(64 * 1024))),
                           max_shells=int(opts.get("max-shells", "64")),
                           max_detached=int(opts.get("max-detached", "8")), walltime_marks=marks,
                           job_id=opts.get("job", ""), listen=opts.get("listen", ""),
-                          key_path=opts.get("key", ""), max_commands=int(opts.get("max-commands", "128")))
+                          key_path=opts.get("key", ""), max_commands=int(opts.get("max-commands", "128")),
+                          spare=opts.get("spare", "0") == "1")
 
         async def serve() -> int:
             return await Agent(opts.get("dir") or os.path.dirname(os.path.abspath(__file__)), **agent_args).run()

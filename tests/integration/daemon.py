@@ -28,7 +28,8 @@ def config_text(**overrides: object) -> str:
                   "poll_interval": 1.0, "gone_grace": 2.0, "command_timeout": 15.0},
         "container": {"image": str(tb.IMAGES / "base.sif"), "user_dir": "/home/{user}",
                       "project_dir": "/home/{user}/proj/{project}", "default_project": "default"},
-        "timeouts": {"pending": 120, "start": 60, "detach_grace": 60},
+        # No spare shell by default: tests count shells and their ids; test_spare_shell turns it on.
+        "timeouts": {"pending": 120, "start": 60, "detach_grace": 60, "spare_shell": False},
     }
     for key, value in overrides.items():
         section, _, name = key.partition("_")
