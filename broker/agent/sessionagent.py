@@ -722,6 +722,8 @@ NONCE = 32
 HANDSHAKE_TIMEOUT = 10.0
 PAIR_TIMEOUT = 10.0
 MAX_REQUEST = 256 * 1024
+#: Connections still proving the key at once; beyond it new ones are closed at once.
+MAX_HANDSHAKING = 64
 #: stderr waiting for a slow client beyond this stops being read (the command then blocks).
 STDERR_HIGH_WATER = 1024 * 1024
 
@@ -774,6 +776,7 @@ class Streams:
         self.commands: dict[int, Command] = {}
         self.waiting: dict[str, tuple[socket.socket, list[str], asyncio.Future]] = {}
         self.listener: socket.socket | None = None
+        self.handshaking = 0
 
     def start(self) -> asyncio.Future:
         key = secrets.token_bytes(32)
@@ -803,7 +806,15 @@ class Streams:
     async def _accept_loop(self) -> None:
         assert self.listener is not None
         while True:
-            sock, _ = await self.loop.sock_accept(self.listener)
+            try:
+                sock, _ = await self.loop.sock_accept(self.listener)
+            except OSError as exc:  # e.g. out of fds: keep serving once some are free
+                log("stream_accept_failed", error=exc.strerror or str(exc))
+                await asyncio.sleep(0.5)
+                continue
+            if self.handshaking >= MAX_HANDSHAKING:
+                sock.close()  # a flood of unauthenticated connections must not exhaust the agent's fds
+                continue
             asyncio.ensure_future(self._serve(sock))
 
     async def _recv_exactly(self, sock: socket.socket, n: int) -> bytes:
@@ -841,10 +852,14 @@ class Streams:
 
     async def _serve(self, sock: socket.socket) -> None:
         keep = False
+        self.handshaking += 1
         try:
             sock.setblocking(False)
-            await asyncio.wait_for(self._handshake(sock), HANDSHAKE_TIMEOUT)
-            request = await asyncio.wait_for(self._recv_line(sock), HANDSHAKE_TIMEOUT)
+            try:
+                await asyncio.wait_for(self._handshake(sock), HANDSHAKE_TIMEOUT)
+                request = await asyncio.wait_for(self._recv_line(sock), HANDSHAKE_TIMEOUT)
+            finally:
+                self.handshaking -= 1
             op = request.get("op")
             if op == "exec":
                 keep = await self._exec(sock, request)
