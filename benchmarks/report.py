@@ -41,7 +41,7 @@ METHOD = """\
 | readiness delay | marker appended to a job log → manager's `_await_ready` moves the session to `ready` (persisted) | — (absolute goal) |
 | scheduler load | the manager's real poller (`run_poller`) over N tracked sessions whose jobs are held in SLURM | one `squeue -h -j ID -o '%T %B'` per session per cycle (batchspawner's query), one at a time |
 | pty throughput / keys | `cat` of a large file, and single-byte echo in `cat >/dev/null`, through `sbroker login` → `srun --pty` → session agent → shell | the same through the bare `srun --overlap --pty` by hand, same user, job and instance, both terminals open at once |
-| verify | `broker.container.apptainer.verify()` (in-process streaming sha256) | `sha256sum` |
+| verify | `broker.container.apptainer.verify()` (in-process streaming sha256: hashlib, i.e. OpenSSL with the CPU's SHA instructions) | `openssl dgst -sha256` as a process, same file in the page cache, rounds interleaved. Context rows, labelled: `openssl speed -evp sha256` on a 1 MiB buffer in memory (the CPU's ceiling, no file read) and coreutils `sha256sum` (no SHA-instruction path) |
 | RSS / re-adoption | daemon restarted over a store with 1,000 live sessions (job ids unknown to SLURM, gone-grace long) | — (absolute goals) |
 | RSS with attached terminals | the daemon's VmRSS (and fds, tasks) with 100 interactive logins of one session at their prompt | the same daemon with none attached, sampled before each round of logins |
 
