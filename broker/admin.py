@@ -41,9 +41,10 @@ def _ls(ns: Any) -> int:
     return 0
 
 
-#: (title, key, width): 11 columns + separators = 79. Full values are in ``--json`` and ``show``.
+#: (title, key, width): 11 columns + separators = 79. Full values are in ``--json`` and ``show``
+#: (the instance name among them: the profile took its column, it says more in a list).
 COLUMNS = (("USER", "user", 8), ("PROJECT", "project", 8), ("STATE", "state", 8), ("JOB", "job_id", 6),
-           ("NODE", "node", 6), ("INST", "instance", 6), ("IMAGE@DIGEST", "image", 13), ("A", "attachers", 1),
+           ("NODE", "node", 6), ("PROF", "profile", 6), ("IMAGE@DIGEST", "image", 13), ("A", "attachers", 1),
            ("IDLE", "idle", 4), ("LEFT", "time_left", 5), ("AGE", "age", 4))
 
 

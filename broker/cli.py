@@ -98,6 +98,7 @@ def _serve(ns: object) -> int:
             print(f"sbroker: config: {problem}", file=sys.stderr)
         return 2
     if getattr(ns, "command") == "check-config":
+        failed = False
         print("config ok")
         print(f"shared storage: slurm.job_dir = {config.job_dir}: session jobs write their output (the"
               " INSTANCE_READY/INSTANCE_FAILED markers) there on a compute node, as the user, and this"
@@ -108,14 +109,21 @@ def _serve(ns: object) -> int:
             print(f"sbroker: config: slurm.job_dir: {config.job_dir} is under {local}, which is private to"
                   " each node: no session can become ready", file=sys.stderr)
             return 1
+        for profile in config.profiles:
+            print(f"profile {profile.name}{' (default)' if profile.name == config.default_profile else ''}:"
+                  f" {profile.summary()}{' — ' + profile.description if profile.description else ''}")
         if getattr(ns, "config_only", False):
             return 0
+        from .clustercheck import problems as cluster_problems
         from .loginnode import inspect
 
+        for problem in cluster_problems(config):
+            print(f"sbroker: config: {problem}", file=sys.stderr)
+            failed = True
         problems = inspect(config)
         for problem in problems:
             print(f"sbroker: login-node: {problem}", file=sys.stderr)
-        return 1 if problems else 0
+        return 1 if problems or failed else 0
     import asyncio
 
     from .daemon import serve

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import profiles as _profiles
+from .profiles import Profile
+
 DEFAULT_PATH = "/etc/sbroker/broker.toml"
 
 _TIME_RE = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")
@@ -122,7 +125,30 @@ class Config:
     stream_listen: str = "0.0.0.0"
     limit_commands: int = 128
 
+    #: ``[profiles.NAME]``: the session sizes users choose at login (:mod:`broker.profiles`);
+    #: without that section, one profile ``default`` made of ``[slurm]`` and ``[container]``.
+    profiles: tuple[Profile, ...] = ()
+    default_profile: str = "default"
+
+    #: ``[extend]``: ``sbroker extend`` raises a session job's time limit by ``extend_step``
+    #: up to a total of ``extend_max_total`` ("" = extension off); with
+    #: ``extend_only_if_idle_partition`` only while no job waits in the job's partition.
+    extend_step: str = "1:00:00"
+    extend_max_total: str = ""
+    extend_only_if_idle_partition: bool = False
+
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.profiles:  # built in code (tests) rather than parsed: the one implicit profile
+            object.__setattr__(self, "profiles", (Profile(
+                "default", partition=self.partition, time_limit=self.time_limit, cpus=self.cpus,
+                memory_gb=self.memory_gb, image=str(self.image)),))
+            object.__setattr__(self, "default_profile", "default")
+
+    def profile(self, name: str) -> Profile | None:
+        """The profile called ``name``, if the config has one."""
+        return next((p for p in self.profiles if p.name == name), None)
 
 
 # (section, key, attribute, kind, check) — one table drives loading and validation.
@@ -181,6 +207,9 @@ _FIELDS: list[tuple[str, str, str, str]] = [
     ("limits", "commands_per_session", "limit_commands", "int:1:10000"),
     ("transfer", "direct", "direct_streams", "bool"),
     ("transfer", "listen", "stream_listen", "address"),
+    ("extend", "step", "extend_step", "slurmtime"),
+    ("extend", "max_total", "extend_max_total", "slurmtime_or_empty"),
+    ("extend", "only_if_idle_partition", "extend_only_if_idle_partition", "bool"),
 ]
 
 
@@ -226,6 +255,9 @@ def _check(kind: str, value: Any) -> tuple[Any, str | None]:
         return value, None if ok else "must be one of debug, info, warning, error"
     if kind == "slurmtime":
         return value, None if _TIME_RE.fullmatch(value) else "must be a SLURM time like 8:00:00 or 1-00:00:00"
+    if kind == "slurmtime_or_empty":
+        ok = value == "" or (_TIME_RE.fullmatch(value) and _profiles.minutes(value))
+        return value, None if ok else "must be empty (off) or a SLURM time like 12:00:00 or 2-00:00:00"
     if kind == "pathlist":
         parts = value.split(":")
         ok = all(p.startswith("/") and _SAFE_PATH_RE.fullmatch(p) for p in parts)
@@ -317,7 +349,10 @@ def parse(data: dict[str, Any]) -> Config:
             problems.append(f"{section}.{key}: {problem}")
         else:
             values[attr] = value
+    known["profiles"] = set()  # its own parser (broker.profiles): NAME tables, not keys
     for section, table in data.items():
+        if section == "profiles":
+            continue
         if section not in known:
             problems.append(f"{section}: unknown section (known: {', '.join(sorted(known))})")
         elif isinstance(table, dict):
@@ -328,6 +363,14 @@ def parse(data: dict[str, Any]) -> Config:
             problems.append(f"{section}: must be a table")
     if "image" not in values and not problems:
         problems.append("container.image: is required (an image file, sandbox dir or current link)")
+    if not problems:
+        base = {"partition": values.get("partition", Config.partition),
+                "time_limit": values.get("time_limit", Config.time_limit),
+                "cpus": values.get("cpus", Config.cpus), "memory_gb": values.get("memory_gb", Config.memory_gb),
+                "image": str(values["image"])}
+        profiles, default, its_problems = _profiles.parse(data.get("profiles"), base)
+        problems += its_problems
+        values.update(profiles=profiles, default_profile=default)
     if problems:
         raise ConfigError(problems)
     return Config(**values)

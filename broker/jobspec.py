@@ -18,7 +18,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import agentlaunch
+from . import agentlaunch, profiles
 from .config import Config
 from .container import _validate as v
 from .container.apptainer import build_exec_args, build_sbatch_command
@@ -83,8 +83,11 @@ def log_path(config: Config, user: User, instance: str) -> Path:
 
 
 def build(config: Config, user: User, project: str, image: str, image_digest: str,
-          token: str | None = None) -> JobSpec:
+          token: str | None = None, profile: profiles.Profile | None = None) -> JobSpec:
+    """The job of a new session of ``project`` sized by ``profile`` (default: the config's
+    default profile): its resources, account, container flags and image come from it."""
     username = v.validate_username(user.name)
+    profile = profile or config.profile(config.default_profile) or config.profiles[0]
     check_project(config, project)
     instance = instance_name(username, project, token)
     host_user_dir = config.user_dir.format(user=username, project=project)
@@ -98,20 +101,22 @@ def build(config: Config, user: User, project: str, image: str, image_digest: st
     )
     shared = job_dir(config, user)
     status = agentlaunch.status_path(shared, instance)
-    script = render_instance_start_script(with_hostname(exec_args, config.hostname), username, project,
-                                          instance, before_ready=agentlaunch.start_snippet(config, status),
+    exec_args = profiles.with_profile(with_hostname(exec_args, config.hostname), profile)
+    script = render_instance_start_script(exec_args, username, project, instance,
+                                          before_start=profiles.gpu_env_snippet() if profile.gpu else "",
+                                          before_ready=agentlaunch.start_snippet(config, status),
                                           keepalive=agentlaunch.keepalive_snippet(),
                                           at_exit=agentlaunch.exit_snippet())
     script_path = jobs_dir(config, username) / f"{instance}.sh"
     # The toolkit names the output after the script path: give it one in the shared dir.
     argv = build_sbatch_command(
-        instance, str(shared / f"{instance}.sh"), slurm_partition=config.partition,
-        slurm_time_limit=config.time_limit, slurm_cpus=config.cpus, slurm_memory_gb=config.memory_gb)
+        instance, str(shared / f"{instance}.sh"), slurm_partition=profile.partition,
+        slurm_time_limit=profile.time_limit, slurm_cpus=profile.cpus, slurm_memory_gb=profile.memory_gb)
     log_flag = next(a for a in argv if a.startswith("--output="))
     log = Path(log_flag.split("=", 1)[1])
     digest = image_digest.split(":")[-1][:16]
     comment = format_comment({"user": username, "project": project, "instance": instance,
-                              "digest": digest})
+                              "digest": digest, "profile": profile.name})
     # The script goes to sbatch on stdin: the file on disk is the broker's record
     # (root-only), so there is no window in which anyone could swap it.
     # --no-requeue: after a node failure SLURM would requeue the job (same id, PENDING) and
@@ -119,7 +124,7 @@ def build(config: Config, user: User, project: str, image: str, image_digest: st
     # One allocation per (user, project) across login nodes, converged through SLURM itself: a
     # later job of the same name and user stays PENDING (Dependency) while an earlier one is
     # live, whichever login node's broker submitted it (see broker.manager, "Several login nodes").
-    extra = [f"--comment={comment}", f"--chdir={user.home}", "--open-mode=append", "--export=ALL",
+    extra = [*profiles.sbatch_flags(profile), f"--comment={comment}", f"--chdir={user.home}", "--open-mode=append", "--export=ALL",
              "--no-requeue", "--dependency=singleton"]
     sbatch_argv = [f"--job-name={singleton_name(project)}" if a.startswith("--job-name=") else a
                    for a in argv[:-1]] + extra

@@ -16,7 +16,8 @@ streams are the SSH channel itself, binary-safe, and the exit status is the shel
 the command's. The broker carries no byte of it.
 
 The project comes from ``SBROKER_PROJECT`` (``AcceptEnv``), or a leading
-``@project`` word in the command, else the broker's default.
+``@project`` word in the command, else the broker's default; the profile from
+``SBROKER_PROFILE`` or ``@project:profile`` (``@:profile`` for the default project).
 
 Where the broker is never comes from the environment: ``~/.pam_environment`` and
 ``~/.ssh/environment`` are the user's to write, and a socket of the user's choosing
@@ -88,6 +89,15 @@ def split_project(command: str | None, env_project: str | None) -> tuple[str | N
     return project, command
 
 
+def split_profile(project: str | None, env_profile: str | None) -> tuple[str | None, str | None]:
+    """``(project, profile)`` from ``project:profile`` (the ``@`` word), else the environment's."""
+    profile = env_profile or None
+    if project is not None and ":" in project:
+        project, _, named = project.partition(":")
+        profile = named or profile
+    return project or None, profile
+
+
 USAGE = """\
 usage: sbroker login [--socket PATH]
 
@@ -98,6 +108,8 @@ container session inside a SLURM allocation, creating the session once if needed
   ssh login-node                     an interactive shell in the session (project: default)
   ssh login-node @proj               the same for project "proj" (or SendEnv SBROKER_PROJECT)
   ssh login-node [@proj] CMD ...     run CMD in the session (scp, sftp and rsync work too)
+  ssh login-node @proj:gpu           a new session of "proj" sized by profile "gpu" (or SendEnv
+                                     SBROKER_PROFILE); @:gpu for the default project
 
   --socket PATH   the broker's socket (default {default}); never taken from the
                   environment, which is the user's to set
@@ -140,10 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     command = os.environ.get("SSH_ORIGINAL_COMMAND")
     project, command = split_project(command, os.environ.get("SBROKER_PROJECT"))
+    project, profile = split_profile(project, os.environ.get("SBROKER_PROFILE"))
     has_tty = os.isatty(0) and os.isatty(1)
     progress = Progress(sys.stderr)
     term = os.environ.get("TERM", "")[:64]
-    fields: dict[str, object] = {"project": project}
+    fields: dict[str, object] = {"project": project, "profile": profile}
     if command is not None:
         fields.update(command=command, tty=has_tty, term=term)
     else:
@@ -158,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokerError as exc:
         client.close()
         progress.done()
+        if exc.code == "profile_mismatch" and command is None and has_tty:
+            from .loginprompt import retry_after_mismatch
+
+            return retry_after_mismatch(path, exc.message, fields, progress, run_exec)
         sys.stderr.write(f"sbroker: {exc.message}\n")
         return 1
     progress.done()

@@ -29,12 +29,12 @@ from typing import Any
 
 import anyio
 
-from . import images, jobspec, userfs
+from . import images, jobspec, profiles, userfs
 from . import limits
 from . import log as _log
 from .audit import Audit
 from .config import Config
-from .identity import User, UnknownUser, lookup_name, lookup_uid
+from .identity import User, UnknownUser, in_group, lookup_name, lookup_uid
 from .session import State, Session, TERMINAL
 from .slurm import commands
 from .slurm.errors import CommandFailed, ControllerUnavailable, NotFound, SlurmError
@@ -181,11 +181,30 @@ class Manager:
         return self.by_key.get((user, project))
 
     async def ensure(self, user: User, project: str,
-                     listener: Callable[[dict[str, Any]], None] | None = None) -> Session:
-        """Return the ready session for ``(user, project)``, creating it exactly once."""
+                     listener: Callable[[dict[str, Any]], None] | None = None, *,
+                     profile: str | None = None, mismatch: str = "refuse") -> Session:
+        """Return the ready session for ``(user, project)``, creating it exactly once.
+
+        ``profile`` is the name the login asked for (None: whatever runs, else the default).
+        When the live session runs another profile, ``mismatch`` decides: ``refuse`` (a
+        :class:`SessionError` ``profile_mismatch`` naming the live one), ``keep`` (use the
+        live one) or ``replace`` (end it, as the user asked, and start the one asked for)."""
         jobspec.check_project(self.config, project)
+        if mismatch not in ("refuse", "keep", "replace"):
+            raise SessionError("invalid", "mismatch: must be refuse, keep or replace")
+        try:
+            chosen = profiles.choose(self.config.profiles, self.config.default_profile, profile,
+                                     lambda group: in_group(user, group))
+        except profiles.ProfileRefused as exc:
+            self.log.info("profile_refused", user=user.name, project=project, rule=str(exc))
+            raise SessionError("profile", str(exc)) from None
         key = (user.name, project)
         session = self.by_key.get(key)
+        if session is not None and profile and session.profile != chosen.name and mismatch != "keep":
+            if mismatch == "refuse":
+                raise SessionError("profile_mismatch", mismatch_text(session, chosen.name))
+            await self._replace(session, user, chosen.name, listener)
+            session = self.by_key.get(key)
         if session is None:  # a new session: per-user limits (broker/limits.py says why)
             refusal = limits.new_session_refusal(self.config, user.name, self.sessions.values())
             if refusal:
@@ -193,29 +212,52 @@ class Manager:
                 raise SessionError("limit", refusal)
         if session is not None and session.state == State.READY:
             session.last_activity = time.time()
-            return session
+            return self._checked(session, profile, chosen.name, mismatch)
         if session is not None and session.state == State.UNKNOWN or not self.controller_ok:
             raise SessionError("controller_unavailable",
                                "SLURM controller unavailable; your session is kept, try again shortly")
         task = self._inflight.get(key)
         if task is None:
             if session is None:
-                session = Session(user=user.name, uid=user.uid, project=project)
+                session = Session(user=user.name, uid=user.uid, project=project, profile=chosen.name)
                 self._track(session)
                 self.store.save(session)
                 self.log.info("session_state", session=session.id, user=user.name, project=project,
-                              old=None, new=State.REQUESTED.value, reason="first login")
+                              profile=chosen.name, old=None, new=State.REQUESTED.value, reason="first login")
             task = self._start_bring_up(session, user)
         unsubscribe = self.subscribe(session.id, listener) if listener else None
         try:
             if listener:
                 listener({"type": "progress", "state": session.state.value, "session": session.id,
                           "reason": session.reason, "pending_reason": session.pending_reason,
-                          "expected_start": session.expected_start})
-            return await asyncio.shield(task)
+                          "expected_start": session.expected_start, "profile": session.profile})
+            return self._checked(await asyncio.shield(task), profile, chosen.name, mismatch)
         finally:
             if unsubscribe:
                 unsubscribe()
+
+    def _checked(self, session: Session, requested: str | None, chosen: str, mismatch: str) -> Session:
+        """Never a silent mismatch: a session that turned out to run another profile than the
+        one asked for (another login node made it first) is refused unless the login keeps it."""
+        if requested and session.profile != chosen and mismatch != "keep":
+            raise SessionError("profile_mismatch", mismatch_text(session, chosen))
+        return session
+
+    async def _replace(self, session: Session, user: User, wanted: str,
+                       listener: Callable[[dict[str, Any]], None] | None) -> None:
+        """End the live session (the owner asked for another profile) and wait until its job is
+        gone: a new job of the key would wait behind it (``--dependency=singleton``)."""
+        if listener:
+            listener({"type": "progress", "state": "ending", "session": session.id,
+                      "reason": f"ending the session running profile {session.profile or '?'} to start {wanted}"})
+        await self.kill(session, by=user.name, by_uid=user.uid, reason=f"replaced by profile {wanted}")
+        deadline = time.monotonic() + max(60.0, self.config.gone_grace + 30.0)
+        while session.live and time.monotonic() < deadline:
+            self._wake.set()
+            await asyncio.sleep(0.2)
+        if session.live:
+            raise SessionError("profile_mismatch", f"session: {session.project} (profile {session.profile}) did"
+                                                   " not end within a minute; try again shortly")
 
     def _start_bring_up(self, session: Session, user: User) -> asyncio.Task[Session]:
         task = self._spawn(self._bring_up(session, user))
@@ -230,14 +272,18 @@ class Manager:
         return session
 
     async def _submit(self, session: Session, user: User) -> None:
+        profile = self.config.profile(session.profile)
+        if profile is None:
+            self._fail(session, f"profile: {session.profile!r} is no longer configured")
+            raise SessionError("profile", session.reason)
         try:
-            image = images.resolve(self.config.image)
+            image = images.resolve(profile.image)
             digest = await anyio.to_thread.run_sync(images.digest, image)
         except OSError as exc:
-            self._fail(session, f"image {self.config.image} is not usable: {exc.strerror or exc}")
+            self._fail(session, f"image {profile.image} is not usable: {exc.strerror or exc}")
             raise SessionError("image", session.reason) from None
         try:
-            spec = jobspec.build(self.config, user, session.project, str(image), digest)
+            spec = jobspec.build(self.config, user, session.project, str(image), digest, profile=profile)
         except ValueError as exc:
             self._fail(session, str(exc))
             raise SessionError("invalid", session.reason) from None
@@ -268,7 +314,7 @@ class Manager:
         self.transition(session, State.SUBMITTED, f"job {job_id} submitted")
         self.audit.record("session_started", user=session.user, project=session.project, session=session.id,
                           job_id=job_id, instance=session.instance, image=session.image,
-                          digest=session.image_digest)
+                          digest=session.image_digest, profile=session.profile)
         self._wake.set()
 
     # ------------------------------------------------------- several login nodes, one truth
@@ -332,6 +378,7 @@ class Manager:
         session.log_path = str(jobspec.log_path(self.config, user, session.instance))
         session.script_path = str(jobspec.jobs_dir(self.config, user.name) / f"{session.instance}.sh")
         session.image_digest = tags.get("digest", "")
+        session.profile = self.tag_profile(tags)
         session.node = info.nodes if info.nodes not in ("", "(null)") else ""
         self.store.save(session)
 
@@ -688,6 +735,13 @@ class Manager:
         adopted = sum(1 for s in self.sessions.values() if s.live)
         self.log.info("reconciled", live_sessions=adopted)
 
+    def tag_profile(self, tags: dict[str, str]) -> str:
+        """The profile a job's comment names, if this config has it ("" otherwise). The comment
+        is the user's to rewrite: it only ever selects among the administrator's profiles, and
+        a job without the tag (an older broker's) ran the default."""
+        name = tags.get("profile", self.config.default_profile if "profile" not in tags else "")
+        return name if self.config.profile(name) is not None else ""
+
     def owner_of(self, info: JobInfo) -> User | None:
         """The job's owner by SLURM's numeric uid (never the comment's ``user=``); None for
         root, system accounts (below ``broker.min_uid``) and unknown uids: nothing is done as
@@ -770,6 +824,7 @@ class Manager:
         session.log_path = str(jobspec.log_path(self.config, user, session.instance))
         session.script_path = str(jobspec.jobs_dir(self.config, user.name) / f"{session.instance}.sh")
         session.image_digest = tags.get("digest", "")
+        session.profile = self.tag_profile(tags)
         self.sessions[session.id] = session
         self.store.save(session)
         self.transition(session, State.SUBMITTED, "adopted tagged job")
@@ -941,6 +996,13 @@ def _failure_from_log(user: User | None, path: str) -> str:
     if marker and marker[0] == MARKER_FAILED:
         return f"instance failed to start: {marker[1] or 'no reason given'}"
     return ""
+
+
+def mismatch_text(session: Session, wanted: str) -> str:
+    """The one line a login gets when the live session runs another profile."""
+    live = session.profile or "unknown"
+    return (f"session: project {session.project} runs profile {live}, not {wanted}; to use {wanted}, end it"
+            f" first with `sbroker kill {session.project}` (or connect without a profile to use it)")
 
 
 def _pending_text(info: JobInfo) -> str:

@@ -57,6 +57,18 @@ class LiveCollector:
             by_state.add_metric([state], n)
         yield by_state
 
+        by_profile = GaugeMetricFamily("sbroker_live_sessions_by_profile", "Live sessions by profile "
+                                       "(broker.toml [profiles]; \"unknown\": a job whose tag names none)",
+                                       labels=["profile"])
+        live_profiles: dict[str, int] = {p.name: 0 for p in m.config.profiles}
+        for session in list(m.sessions.values()):
+            if session.live:
+                name = session.profile or "unknown"
+                live_profiles[name] = live_profiles.get(name, 0) + 1
+        for name, n in sorted(live_profiles.items()):
+            by_profile.add_metric([name], n)
+        yield by_profile
+
         failures = CounterMetricFamily("sbroker_session_failures", "Sessions that failed, by reason class",
                                        labels=["reason"])
         for reason, n in sorted(m.failures.items()):

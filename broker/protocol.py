@@ -62,7 +62,7 @@ _LEVEL = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 #: Operations a client may request, and whether each needs the admin group for
 #: sessions it does not own (ownership is checked in the daemon, not here).
 OPS = frozenset(
-    ("ensure", "attach", "list", "show", "kill", "logs", "events", "ping", "reap")
+    ("ensure", "attach", "list", "show", "kill", "logs", "events", "ping", "reap", "extend")
 )
 
 DEFAULT_SOCKET = "/run/sbroker/broker.sock"

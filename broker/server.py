@@ -227,11 +227,16 @@ class Server:
         attach = message.get("attach")
         if attach is not None and (not isinstance(attach, dict) or command is not None):
             raise p.ProtocolError("attach", "must be an object of attach fields, and only without a command")
+        profile = p.get_str(message, "profile", max_len=64) or None
+        mismatch = p.get_str(message, "mismatch", default="refuse", max_len=16)
+        if mismatch not in ("refuse", "keep", "replace"):
+            raise p.ProtocolError("mismatch", "must be refuse, keep or replace")
         before = self.manager.current(conn.user.name, project)
         warm = before is not None and before.state == State.READY
         started = time.monotonic()
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        task = asyncio.ensure_future(self.manager.ensure(conn.user, project, queue.put_nowait))
+        task = asyncio.ensure_future(self.manager.ensure(conn.user, project, queue.put_nowait, profile=profile,
+                                                         mismatch=mismatch))
         try:
             while not task.done():
                 getter = asyncio.ensure_future(queue.get())
@@ -326,7 +331,8 @@ class Server:
     def describe(self, session: Session, conn: Connection, full: bool = False) -> dict[str, Any]:
         now = time.time()
         data = {
-            "id": session.id, "user": session.user, "project": session.project, "state": session.state.value,
+            "id": session.id, "user": session.user, "project": session.project, "profile": session.profile,
+            "state": session.state.value,
             "reason": session.reason, "job_id": session.job_id, "node": session.node,
             "instance": session.instance, "image": session.image, "image_digest": session.image_digest,
             "pending_reason": session.pending_reason, "expected_start": session.expected_start,

@@ -58,6 +58,10 @@ class Session:
     user: str
     uid: int
     project: str
+    #: The profile (broker.profiles) the session's job was sized by; an attribute, not part of
+    #: the key: one session per (user, project) whatever its profile. "" = not known (a job
+    #: adopted whose tag names no profile of this config).
+    profile: str = ""
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     state: State = State.REQUESTED
     prev_state: State | None = None

@@ -52,5 +52,11 @@ def node_addr(node: str) -> list[str]:
     return ["sinfo", "--noheader", "--Node", f"--nodes={node}", "--format=%N %o"]
 
 
+def sinfo_partitions() -> list[str]:
+    """Each partition with the gres its nodes offer (``compute gpu:2``): ``check-config``'s
+    view of what profiles may ask for. Admin-defined names only, no user text."""
+    return ["sinfo", "--noheader", "--format=%R %G"]
+
+
 def sdiag() -> list[str]:
     return ["sdiag"]

@@ -59,15 +59,15 @@ def test_ops_config_bad_fields_one_line_each():
 
 def test_ls_table_columns_fit_80_and_show_everything_asked_for():
     titles = [t for t, _, _ in COLUMNS]
-    assert titles == ["USER", "PROJECT", "STATE", "JOB", "NODE", "INST", "IMAGE@DIGEST", "A", "IDLE", "LEFT",
+    assert titles == ["USER", "PROJECT", "STATE", "JOB", "NODE", "PROF", "IMAGE@DIGEST", "A", "IDLE", "LEFT",
                       "AGE"]
     row = {"user": "sbalice", "project": "alpha", "state": "ready", "job_id": "4711", "node": "n1",
-           "instance": "sb-sbalice-alpha-3fa9c1", "image": "/img/base-2024.06.sif", "image_version": "v12",
+           "instance": "sb-sbalice-alpha-3fa9c1", "profile": "gpu", "image": "/img/base-2024.06.sif", "image_version": "v12",
            "image_digest": "sha256:abcdef0123", "attachers": 2, "idle": 75.0, "time_left": "1:59:30",
            "age": 90000.0}
     lines = format_table([row]).splitlines()
     assert all(len(line) <= 80 for line in lines)
-    assert lines[1].split() == ["sbalice", "alpha", "ready", "4711", "n1", "3fa9c1", "v12@abcdef", "2", "1m",
+    assert lines[1].split() == ["sbalice", "alpha", "ready", "4711", "n1", "gpu", "v12@abcdef", "2", "1m",
                                 "1h59m", "1d"]
     assert [compact_left(t) for t in ("1-02:03:04", "45:10", "0:02:00", "", "UNLIMITED")] == [
         "1d02h", "45m", "120s", "-", "UNLIMITED"]

@@ -233,3 +233,15 @@ def test_build_roundtrip(app, image, standin_only, tmp_path):
         assert app("exec", sandbox, "cat", "/etc/marker").stdout == b"built\n"   # sandbox dirs run too
     finally:
         subprocess.run(["rm", "-rf", d])
+
+
+@pytest.mark.parametrize("flag", ["nv", "rocm"])
+def test_gpu_flags_are_accepted_and_said_to_find_no_vendor_files(app, image, standin_only, flag):
+    """Issue 16: a GPU profile's --nv/--rocm reaches the stand-in's command line (apptainer's
+    own warning on a host without GPU libraries), and SLURM's GPU variables pass --cleanenv as
+    APPTAINERENV_*."""
+    r = app("exec", "--containall", f"--{flag}", image, "sh", "-c", 'echo "$CUDA_VISIBLE_DEVICES"',
+            env={"APPTAINERENV_CUDA_VISIBLE_DEVICES": "0,1", "CUDA_VISIBLE_DEVICES": "dropped"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"0,1\n"
+    assert r.stderr.decode() == f"WARNING: Could not find any {flag} files on this host!\n"

@@ -145,6 +145,7 @@ if instance_listed; then
     apptainer instance stop "$INSTANCE" >&2
 fi
 
+@BEFORE_START@
 started=1
 apptainer instance start @FLAGS@ "$CONTAINER" "$INSTANCE" >&2 2>"$err_file"
 rc=$?
@@ -220,14 +221,15 @@ def build_instance_start_script(
 
 def render_instance_start_script(exec_args: Sequence[str], username: str, project_slug: str,
                                  instance_name: str, *, before_ready: str = "", keepalive: str = "",
-                                 at_exit: str = "") -> str:
+                                 at_exit: str = "", before_start: str = "") -> str:
     """The start script for an ``apptainer exec`` argv already built (and perhaps adjusted,
     e.g. by :func:`~._builders.with_hostname`); the image is its last word.
 
     ``before_ready``, ``keepalive`` and ``at_exit`` are bash inserted, as given, after the
     instance is listed and before ``INSTANCE_READY``, in each keep-alive round, and in the
     exit trap: the broker starts its session agent there (:mod:`broker.agentlaunch`). They
-    may call ``fail REASON``, which keeps the marker contract.
+    may call ``fail REASON``, which keeps the marker contract. ``before_start`` runs just
+    before ``apptainer instance start`` (a GPU profile exports SLURM's GPU variables there).
     """
     name = validate_instance_name(instance_name)
     values = {
@@ -238,6 +240,7 @@ def render_instance_start_script(exec_args: Sequence[str], username: str, projec
         "@MAX_LIST_FAILURES@": str(MAX_LIST_FAILURES),
         "@READY_CHECKS@": str(READY_CHECKS),
         "@FLAGS@": " ".join(shlex.quote(flag) for flag in instance_flags(exec_args)),
+        "@BEFORE_START@": before_start.rstrip("\n"),
         "@BEFORE_READY@": before_ready.rstrip("\n"),
         "@KEEPALIVE@": textwrap.indent(keepalive.rstrip("\n"), "    "),
         "@AT_EXIT@": textwrap.indent(at_exit.rstrip("\n"), "    "),

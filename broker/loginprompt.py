@@ -1,0 +1,76 @@
+"""The question an interactive login asks when its profile is not the live session's.
+
+A session is keyed by (user, project); its profile is an attribute. A login that names
+another profile than the one running gets, on a terminal, three choices: keep the live
+session (nothing is lost), end it and start the profile asked for, or cancel. Commands and
+file transfers cannot ask and are refused in one line instead (the broker's answer).
+
+Standard library only: this runs inside ``sbroker login`` on the SSH login path, and only
+when the question arises.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if False:  # for type checkers only: typing costs every SSH login time
+    from collections.abc import Callable
+
+#: What each answer asks the broker for (``ensure``'s ``mismatch`` field).
+ANSWERS = {"k": "keep", "e": "replace", "c": None, "": "keep"}
+QUESTION = ("  [k] keep the running session (default)\r\n"
+            "  [e] end it (everything running in it stops) and start the profile you asked for\r\n"
+            "  [c] cancel\r\n"
+            "choice [k/e/c]: ")
+
+
+def ask(message: str, read_line: Callable[[], str], write: Callable[[str], None]) -> str | None:
+    """The ``mismatch`` answer to send (``keep``/``replace``) or None to cancel; asks again,
+    at most three times, on anything but k, e, c or Enter (then it cancels)."""
+    write(f"sbroker: {message}\r\n")
+    for _ in range(3):
+        write(QUESTION)
+        line = read_line()
+        if line == "":  # end of input: nobody to ask
+            return None
+        answer = line.strip().lower()[:1]
+        if answer in ANSWERS:
+            return ANSWERS[answer]
+        write("sbroker: please answer k, e or c\r\n")
+    return None
+
+
+def _read_line() -> str:
+    """One line from the terminal on stdin (cooked mode: sshd's pty echoes and edits)."""
+    data = b""
+    while not data.endswith(b"\n") and len(data) < 256:
+        chunk = os.read(0, 1)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace") or ""
+
+
+def retry_after_mismatch(path: str, message: str, fields: dict[str, object], progress: object,
+                         run: Callable[[dict[str, object]], int]) -> int:
+    """Ask, then send ``ensure`` again with the answer; run the terminal it gets."""
+    from .client import BrokerError, Client
+
+    def write(text: str) -> None:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+    choice = ask(message, _read_line, write)
+    if choice is None:
+        write("sbroker: cancelled; the running session is untouched\r\n")
+        return 1
+    try:
+        with Client(path, require_root=True) as client:
+            result = client.request("ensure", on_progress=progress, **{**fields, "mismatch": choice})
+    except BrokerError as exc:
+        getattr(progress, "done", lambda: None)()
+        write(f"sbroker: {exc.message}\n")
+        return 1
+    getattr(progress, "done", lambda: None)()
+    return run(result["exec"])  # type: ignore[arg-type]
