@@ -222,3 +222,93 @@ async def test_a_burst_of_wakes_shares_polls(tmp_path):
     finally:
         poller.cancel()
     assert 1 <= runner.squeues <= seconds / MIN_POLL_GAP + 2, (runner.squeues, seconds)
+
+
+class RecordingRunner(Runner):
+    """Answers every command at once and records ``(argv, user name)``."""
+
+    def __init__(self) -> None:
+        super().__init__(path="/usr/bin:/bin")
+        self.calls: list[tuple[list[str], str | None]] = []
+
+    async def run(self, argv, user=None, **kwargs):  # type: ignore[override]
+        self.calls.append((list(argv), user.name if user else None))
+        return Result(list(argv), 0, "", "", 0.0)
+
+
+
+
+def _alice():
+    from broker.identity import User
+
+    return User("alice", 1000, 1000, (1000,), "/home/alice", "/bin/bash")
+
+
+@pytest.fixture
+def recording(tmp_path, monkeypatch):
+    """A manager whose SLURM commands are recorded, and whose only user is alice (uid 1000)."""
+    config = parse({"container": {"image": "/i.sif"}, "slurm": {"gone_grace": 10.0}})
+    runner = RecordingRunner()
+    mgr = Manager(config, runner, Store(tmp_path / "s.db"), Audit(tmp_path / "a.jsonl"))
+    monkeypatch.setattr(mgr, "_owner", lambda session: _alice() if session.user == "alice" else None)
+    monkeypatch.setattr(mgr, "owner_of", lambda info: _alice() if info.uid == 1000 else None)
+    return mgr, runner
+
+
+async def _settle(mgr) -> None:
+    for task in list(mgr._tasks):
+        await asyncio.wait_for(task, 5)
+
+
+@pytest.mark.parametrize("state", [State.STARTING, State.READY])
+async def test_a_requeued_job_ends_its_session_and_is_cancelled_as_its_owner(recording, state):
+    """Requeued (node failure, an admin): the job pends again and would rerun the start script
+    later for an instance that died with the first run; the session ends, the job is cancelled."""
+    mgr, runner = recording
+    s = tracked(mgr, state)
+    mgr.apply(s, info("PENDING", "BeginTime"), 100.0)
+    assert s.state == State.ENDING
+    assert s.reason == "job was requeued by SLURM (BeginTime); its instance is gone"
+    await _settle(mgr)
+    assert runner.calls == [(["scancel", "7"], "alice")]
+    mgr.apply(s, info("CANCELLED"), 101.0)
+    assert s.state == State.ENDED and s.reason.startswith("job was requeued by SLURM")
+
+
+async def test_an_unknown_older_tagged_job_of_a_live_key_wins_and_the_newer_is_cancelled(recording):
+    """Two live jobs for one key (two login nodes raced): the oldest is the key's job everywhere.
+    The session moves to it and its own newer job is cancelled, as the user."""
+    mgr, runner = recording
+    s = tracked(mgr, State.READY)   # job 7
+    older = JobInfo("5", "RUNNING", "None", "node2", "N/A", "1:00:00", "alice", "sbroker-session-p",
+                    "sbroker/v1 user=alice project=p instance=sb-alice-p-0a0a0a digest=0", 1000)
+    mgr._adopt(older, {"user": "alice", "project": "p", "instance": "sb-alice-p-0a0a0a"}, 100.0)
+    assert (s.job_id, s.instance, s.node) == ("5", "sb-alice-p-0a0a0a", "node2")
+    assert mgr.current("alice", "p") is s and len([x for x in mgr.sessions.values() if x.live]) == 1
+    await _settle(mgr)
+    assert runner.calls == [(["scancel", "7"], "alice")]
+
+
+async def test_an_unknown_newer_tagged_job_of_a_live_key_is_a_duplicate_and_is_cancelled(recording):
+    mgr, runner = recording
+    s = tracked(mgr, State.READY)   # job 7
+    newer = JobInfo("9", "PENDING", "Dependency", "", "N/A", "1:00:00", "alice", "sbroker-session-p",
+                    "sbroker/v1 user=alice project=p instance=sb-alice-p-0b0b0b digest=0", 1000)
+    mgr._adopt(newer, {"user": "alice", "project": "p", "instance": "sb-alice-p-0b0b0b"}, 100.0)
+    assert (s.job_id, s.state) == ("7", State.READY) and mgr.current("alice", "p") is s
+    [dup] = [x for x in mgr.sessions.values() if x.job_id == "9"]
+    assert dup.state == State.ENDING and dup.reason == "duplicate of job 7"
+    await _settle(mgr)
+    assert runner.calls == [(["scancel", "9"], "alice")]
+
+
+async def test_an_unknown_tagged_job_of_a_new_key_is_adopted_as_its_session(recording):
+    mgr, runner = recording
+    job = JobInfo("11", "PENDING", "Priority", "", "N/A", "1:00:00", "alice", "sbroker-session-q",
+                  "sbroker/v1 user=alice project=q instance=sb-alice-q-0c0c0c digest=0", 1000)
+    mgr._adopt(job, {"user": "alice", "project": "q", "instance": "sb-alice-q-0c0c0c", "digest": "0"}, 100.0)
+    s = mgr.current("alice", "q")
+    assert (s.job_id, s.instance, s.state, s.uid) == ("11", "sb-alice-q-0c0c0c", State.PENDING, 1000)
+    assert mgr.store.get(s.id).job_id == "11"
+    await _settle(mgr)
+    assert runner.calls == []

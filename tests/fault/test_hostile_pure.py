@@ -217,8 +217,8 @@ def test_start_script_runs_without_injection(stub_bin, host, container, home, pr
     # every value arrives as the exact token it was: nothing split, joined or expanded
     assert start[-2:] == [image, "sb-sbalice-p-1"]
     assert f"{host}:{container}:ro" in start
-    assert any(t.startswith(f"{home}:") for t in start) or home in " ".join(start)
-    assert any(t.startswith(f"{projdir}:") for t in start)
+    assert start[start.index("--home") + 1] == f"{home}:/home/sbalice"
+    assert ["--bind", f"{projdir}:/home/sbalice/proj/p:rw"] in [start[i:i + 2] for i in range(len(start) - 1)]
 
 
 # ---------------------------------------------------------------- commands

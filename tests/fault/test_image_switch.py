@@ -37,7 +37,7 @@ def check(data: bytes) -> str | None:
     return f"unknown content {data[:20]!r}"
 
 
-def reader_process(directory: str, stop, out) -> None:
+def reader_process(directory: str, stop, out, reading) -> None:
     errors: list[str] = []
     reads = [0]
     link = Path(directory) / CURRENT_LINK
@@ -57,6 +57,8 @@ def reader_process(directory: str, stop, out) -> None:
                 problem = f"{exc.__class__.__name__}: {exc}"
             if problem:
                 errors.append(problem)
+            if n == 0:
+                reading.release()   # this reader has read once: it runs
             n += 1
         reads[0] += n
 
@@ -73,11 +75,13 @@ def test_no_reader_sees_a_missing_or_partial_current(tmp_path):
         (tmp_path / f"scitex-v{version}.sif").write_bytes(content(version))
     switch_version(VERSIONS[0], tmp_path)
     ctx = mp.get_context("fork")
-    stop, out = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=reader_process, args=(str(tmp_path), stop, out)) for _ in range(PROCESSES)]
+    stop, out, reading = ctx.Event(), ctx.Queue(), ctx.Semaphore(0)
+    procs = [ctx.Process(target=reader_process, args=(str(tmp_path), stop, out, reading), daemon=True)
+             for _ in range(PROCESSES)]
     for proc in procs:
         proc.start()
-    time.sleep(0.3)  # all 100 readers running before the first flip
+    for _ in range(PROCESSES * THREADS):   # all 100 readers running before the first flip
+        assert reading.acquire(timeout=30), "a reader did not start within 30 s"
     started = time.monotonic()
     try:
         for i in range(FLIPS):

@@ -18,6 +18,8 @@ import pytest
 
 from broker.container.apptainer import build_instance_start_script
 
+from tests.waiting import wait_for
+
 from ..conftest import FakeApptainer
 
 NAME = "inst-1"
@@ -187,8 +189,12 @@ def test_stale_instance_is_stopped_before_start(running, fake_apptainer: FakeApp
 def test_transient_list_failures_are_tolerated_then_persistent_ones_fail(running, fake_apptainer: FakeApptainer) -> None:
     run = running()
     assert run.next_line() == "INSTANCE_READY"
+    def lists() -> int:
+        return sum(1 for c in fake_apptainer.calls() if c.startswith("instance list"))
+    before = lists()
     fake_apptainer.knob("list_fail_count", "2")
-    time.sleep(3.5)  # two failed polls, then a good one
+    # two failed polls, a good one, and the poll after it: the script went on past the good one
+    wait_for(lambda: lists() >= before + 4, 15, "four more instance list polls")
     assert run.proc.poll() is None
     fake_apptainer.knob("list_fail")
     rc, lines = run.finish()
