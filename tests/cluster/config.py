@@ -31,6 +31,11 @@ PARTITION = "compute"         # both nodes, least-loaded first (LLN), the defaul
 NODE_CPUS = 64                # fake CPU slots per node (SlurmdParameters=config_overrides)
 NODE_MEMORY_MB = 10000
 DEF_MEM_PER_CPU_MB = 256
+#: Fake GPUs per node (issue 16): SLURM accounts them as gres/gpu and sets CUDA_VISIBLE_DEVICES;
+#: each is a character device 195:N (NVIDIA's major) under GPU_DEV_DIR/<node>/, gres.conf's File=.
+GPUS_PER_NODE = 2
+GPU_DEV_DIR = ROOT / "dev"
+GRES_CONF = ETC / "gres.conf"
 #: Slurmd's timeout: a node whose slurmd stops answering is DOWN (and its jobs NODE_FAIL)
 #: within about this many seconds plus one ping interval.
 SLURMD_TIMEOUT = 10

@@ -18,8 +18,9 @@ CONFIG_PATH = tb.ETC / "broker.toml"
 LOG_PATH = tb.LOG / "broker.log"
 
 
-def config_text(**overrides: object) -> str:
-    """The test bed's broker.toml; ``overrides`` are ``section_key=value`` pairs."""
+def config_text(extra_toml: str = "", **overrides: object) -> str:
+    """The test bed's broker.toml; ``overrides`` are ``section_key=value`` pairs, ``extra_toml``
+    is appended as is (tables the pairs cannot express, e.g. ``[profiles.NAME]``)."""
     values: dict[str, dict[str, object]] = {
         "broker": {"socket": str(SOCKET), "state_dir": str(STATE_DIR), "admin_group": tb.ADMIN_GROUP,
                    "log_level": "debug"},
@@ -38,7 +39,7 @@ def config_text(**overrides: object) -> str:
     for section, table in values.items():
         lines.append(f"[{section}]")
         lines += [f"{k} = {json.dumps(v)}" for k, v in table.items()]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + extra_toml
 
 
 class BrokerProcess:

@@ -1,0 +1,210 @@
+"""Issue 16 on the real bed: profiles chosen through real ssh, a GPU profile's fake GPU, two
+profiles of one project, ``sbroker extend`` and pending ^C.
+
+The broker runs with three profiles: ``cpu`` (default), ``gpu`` (``--gres=gpu:1``, ``--nv``) and
+``big`` (only for sbroker-admins, so sbalice may not use it).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pexpect
+import pytest
+
+from tests.cluster import config as tb
+from tests.integration.conftest import jobs_of, sbroker, sbroker_json
+from tests.integration.daemon import BrokerProcess, reset_state
+from tests.waiting import wait_for
+
+from .conftest import ALICE, ssh, ssh_argv
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+PROFILES = f"""
+[profiles.cpu]
+default = true
+description = "the everyday shell"
+
+[profiles.gpu]
+gres = "gpu:1"
+container_flags = ["--nv"]
+description = "one (fake) GPU"
+
+[profiles.big]
+cpus = 2
+groups = ["{tb.ADMIN_GROUP}"]
+
+[extend]
+step = "0:30:00"
+max_total = "3:00:00"
+"""
+
+
+@pytest.fixture(scope="module")
+def broker(cluster) -> Iterator[BrokerProcess]:
+    reset_state()
+    proc = BrokerProcess(extra_toml=PROFILES)
+    proc.start()
+    yield proc
+    proc.stop()
+    reset_state()
+
+
+def scontrol_job(job_id: str, *flags: str) -> str:
+    return subprocess.run(["scontrol", *flags, "show", "job", job_id], capture_output=True, text=True,
+                          env=tb.slurm_env(), timeout=30, check=True).stdout
+
+
+def events_of(user: str, event: str) -> list[dict]:
+    lines = sbroker(user, "events", "--json").stdout.splitlines()
+    return [e for e in map(json.loads, lines) if e.get("event") == event]
+
+
+def live_job(user: str, project: str) -> str:
+    session = sbroker_json(user, "show", project)
+    assert session["state"] == "ready", session
+    return session["job_id"]
+
+
+def test_gpu_profile_session_sees_its_gpu_and_is_accounted_one(broker):
+    r = ssh(ALICE, "@gpujob:gpu", 'printf "%s|%s|%s" "$CUDA_VISIBLE_DEVICES" "$SLURM_JOB_GPUS" "$SBROKER_PROJECT"')
+    assert r.returncode == 0, r.stderr
+    cuda, job_gpus, project = r.stdout.decode().split("|")
+    assert re.fullmatch(r"\d", cuda) and re.fullmatch(r"\d", job_gpus) and project == "gpujob", r.stdout
+    session = sbroker_json(ALICE, "show", "gpujob")
+    assert (session["profile"], session["state"]) == ("gpu", "ready")
+    job = scontrol_job(session["job_id"])
+    assert "TresPerNode=gres:gpu:1" in job, job
+    # the allocation holds one of the node's two GPUs (no slurmdbd here: TRES does not list gres)
+    assert re.search(r"GRES=gpu:1\(IDX:\d\)", scontrol_job(session["job_id"], "-d")), job
+    # --nv reached `apptainer instance start` (the stand-in says so like apptainer on a GPU-less host)
+    log = sbroker(ALICE, "logs", "gpujob").stdout
+    assert "WARNING: Could not find any nv files on this host!" in log, log
+
+
+def test_cpu_profile_session_has_no_gpu(broker):
+    r = ssh(ALICE, "@plain", 'printf "%s" "${CUDA_VISIBLE_DEVICES-unset}"')
+    assert (r.returncode, r.stdout) == (0, b"unset"), r.stderr
+    session = sbroker_json(ALICE, "show", "plain")
+    assert session["profile"] == "cpu"
+    assert "gres/gpu" not in scontrol_job(session["job_id"])
+
+
+def test_another_profile_of_a_live_command_session_is_refused_in_one_line(broker):
+    job = live_job(ALICE, "gpujob")
+    r = ssh(ALICE, "@gpujob:cpu", "echo ran")
+    assert (r.returncode, r.stdout) == (1, b"")
+    assert r.stderr.decode() == (
+        "sbroker: session: project gpujob runs profile gpu, not cpu; to use cpu, end it first with"
+        " `sbroker kill gpujob` (or connect without a profile to use it)\n")
+    r = ssh(ALICE, "@gpujob", "echo ran", env={"SBROKER_PROFILE": "cpu"}, opts=("-o", "SendEnv=SBROKER_PROFILE"))
+    assert r.returncode == 1 and "runs profile gpu, not cpu" in r.stderr.decode()
+    # naming none, or the live one, joins it
+    for remote in ("@gpujob", "@gpujob:gpu"):
+        r = ssh(ALICE, remote, "echo ran")
+        assert (r.returncode, r.stdout) == (0, b"ran\n"), r.stderr
+    assert [j["job_id"] for j in jobs_of(ALICE) if "project=gpujob" in j["comment"]] == [job]
+
+
+def test_unknown_and_forbidden_profiles_list_the_allowed_ones_and_submit_nothing(broker):
+    before = {j["job_id"] for j in jobs_of(ALICE, states="all")}
+    for remote in ("@newproj:big", "@newproj:nope"):
+        r = ssh(ALICE, remote, "echo ran")
+        assert (r.returncode, r.stdout) == (1, b"")
+        name = remote.split(":")[1]
+        assert r.stderr.decode() == f"sbroker: profile: no profile '{name}' for you; choose one of: cpu, gpu\n"
+    assert {j["job_id"] for j in jobs_of(ALICE, states="all")} == before
+
+
+def test_interactive_login_asks_and_can_replace_the_live_profile(broker):
+    old = live_job(ALICE, "plain")
+    argv = ssh_argv(ALICE, "@plain:gpu", tty=True)
+    child = pexpect.spawn(argv[0], argv[1:], timeout=60)
+    try:
+        child.expect(rb"runs profile cpu, not gpu")
+        child.expect(rb"choice \[k/e/c\]: ")
+        child.send(b"e\r")
+        child.expect([rb"\$ ", rb"# "], timeout=90)
+        child.send(b"echo gpus=$CUDA_VISIBLE_DEVICES\r")
+        child.expect(rb"gpus=\d\r\n")
+        child.send(b"exit 0\r")
+        child.expect(pexpect.EOF, timeout=20)
+    finally:
+        child.close(force=True)
+    session = sbroker_json(ALICE, "show", "plain")
+    assert session["profile"] == "gpu" and session["job_id"] != old
+    wait_for(lambda: old not in {j["job_id"] for j in jobs_of(ALICE)}, 30, f"the cpu job {old} to end")
+    kills = [(e["job_id"], e["by"], e["reason"]) for e in events_of(ALICE, "kill")]
+    assert kills == [(old, ALICE, "replaced by profile gpu")]
+
+
+def test_interactive_login_can_keep_the_live_session(broker):
+    job = live_job(ALICE, "plain")
+    argv = ssh_argv(ALICE, "@plain:cpu", tty=True)
+    child = pexpect.spawn(argv[0], argv[1:], timeout=60)
+    try:
+        child.expect(rb"choice \[k/e/c\]: ")
+        child.send(b"k\r")
+        child.expect([rb"\$ ", rb"# "])
+        child.send(b"echo job=$SLURM_JOB_ID\r")
+        child.expect(f"job={job}\r\n".encode())
+        child.send(b"exit 0\r")
+        child.expect(pexpect.EOF, timeout=20)
+    finally:
+        child.close(force=True)
+    assert sbroker_json(ALICE, "show", "plain")["profile"] == "gpu"
+
+
+def test_ls_shows_the_profile(broker):
+    out = sbroker(ALICE, "ls").stdout
+    rows = {line.split()[1]: line.split()[5] for line in out.splitlines()[1:]}
+    assert rows == {"gpujob": "gpu", "plain": "gpu"}, out
+
+
+def time_limit(job_id: str) -> str:
+    return re.search(r"TimeLimit=(\S+)", scontrol_job(job_id)).group(1)
+
+
+def test_extend_moves_the_time_limit_within_policy_tells_terminals_and_refuses_past_it(broker):
+    job = live_job(ALICE, "plain")
+    assert time_limit(job) == "02:00:00"
+    argv = ssh_argv(ALICE, "@plain", tty=True)
+    child = pexpect.spawn(argv[0], argv[1:], timeout=60)
+    try:
+        child.expect([rb"\$ ", rb"# "])
+        out = sbroker(ALICE, "extend", "plain").stdout
+        assert out == f"plain (job {job}): time limit 2:00:00 -> 2:30:00 (at most 3:00:00 here)\n"
+        assert time_limit(job) == "02:30:00"
+        child.expect(rb"allocation was extended; it now ends at \d\d:\d\d \(in 1(49|50) minutes\)")
+        child.send(b"exit 0\r")
+        child.expect(pexpect.EOF, timeout=20)
+    finally:
+        child.close(force=True)
+    assert sbroker(ALICE, "extend", "plain").stdout.endswith("2:30:00 -> 3:00:00 (at most 3:00:00 here)\n")
+    refused = sbroker(ALICE, "extend", "plain", check=False)
+    assert refused.returncode == 1
+    assert re.fullmatch(rf"sbroker: extend: job {job} already has the longest time limit allowed here, 3:00:00"
+                        r" \(\[extend\] max_total\); time left: \S+\n", refused.stderr), refused.stderr
+    assert time_limit(job) == "03:00:00"
+    assert [(e["job_id"], e["old"], e["new"], e["by"]) for e in events_of(ALICE, "extend")] == [
+        (job, "2:00:00", "2:30:00", ALICE), (job, "2:30:00", "3:00:00", ALICE)]
+
+
+def test_extend_of_someone_elses_session_is_refused_and_changes_nothing(broker):
+    job = live_job(ALICE, "gpujob")
+    before = time_limit(job)
+    r = sbroker(tb.USERS[1], "extend", f"{ALICE}/gpujob", check=False)
+    assert (r.returncode, r.stderr) == (1, f"sbroker: session: no session '{ALICE}/gpujob' visible to you\n")
+    r = sbroker(tb.USERS[1], "extend", live_session_id(ALICE, "gpujob"), check=False)
+    assert r.returncode == 1 and "visible to you" in r.stderr
+    assert time_limit(job) == before
+
+
+def live_session_id(user: str, project: str) -> str:
+    return sbroker_json(user, "show", project)["id"]
