@@ -133,6 +133,16 @@ def _kill(ns: Any) -> int:
     return 0
 
 
+def _extend(ns: Any) -> int:
+    reply = call("extend", session=ns.session)
+    if ns.json:
+        print(json.dumps(reply, indent=2))
+    else:
+        print(visible_line(f"{reply['project']} (job {reply['job_id']}): time limit {reply['old']} -> {reply['new']}"
+                           f" (at most {reply['max']} here)"))
+    return 0
+
+
 def _logs(ns: Any) -> int:
     offset = -1
     while True:
@@ -225,4 +235,5 @@ def _reap(ns: Any) -> int:
     return 1 if report["errors"] else 0
 
 
-_COMMANDS = {"reap": _reap, "ls": _ls, "show": _show, "kill": _kill, "logs": _logs, "events": _events, "attach": _attach}
+_COMMANDS = {"reap": _reap, "ls": _ls, "show": _show, "kill": _kill, "logs": _logs, "events": _events, "attach": _attach,
+             "extend": _extend}

@@ -168,5 +168,15 @@ def attach_argv(job_id: str, agent_dir: str, python: str, shell: Sequence[str], 
     return [*argv, "--", *shell]
 
 
+def walltime_argv(job_id: str, agent_dir: str, python: str) -> list[str]:
+    """``srun`` into the job, as its owner, to tell the agent the job's time limit moved
+    (``sbroker extend``): it reads the end again and tells the attached terminals."""
+    directory, interpreter = safe_path(agent_dir), safe_path(python)
+    if directory is None or interpreter is None:
+        raise ValueError("agent: the session's status file names no usable agent directory or python")
+    return ["srun", "--overlap", "--quiet", f"--jobid={validate_job_id(job_id)}", "--ntasks=1", interpreter,
+            "-I", "-S", f"{directory}/{AGENT_FILE}", "walltime"]
+
+
 __all__ = ["AGENT_FILE", "KEY_SUFFIX", "STATUS_SUFFIX", "key_path", "agent_source", "attach_argv", "exit_snippet", "keepalive_snippet",
-           "safe_path", "serve_argv", "start_snippet", "status_path"]
+           "safe_path", "serve_argv", "start_snippet", "status_path", "walltime_argv"]

@@ -54,6 +54,10 @@ def _full(args: list[str]) -> int:
     attach.add_argument("--observe", action="store_true", help="read-only: watch without typing")
     attach.add_argument("--write", action="store_true",
                         help="admins: type into someone else's shell (default: observe); audited and shown to its owner")
+    extend = sub.add_parser("extend", help="raise your session job's time limit by one step (within [extend])")
+    extend.add_argument("session", nargs="?", default=None,
+                        help="session id or your project (default: the default project)")
+    extend.add_argument("--json", action="store_true")
     reap = sub.add_parser("reap", help="admins: remove orphan jobs, stale instance state and old job files now")
     reap.add_argument("--dry-run", action="store_true", help="report what would be removed, remove nothing")
     reap.add_argument("--json", action="store_true")
@@ -69,7 +73,7 @@ def _full(args: list[str]) -> int:
         return login_main([])
     if ns.command in ("serve", "check-config"):
         return _serve(ns)
-    if ns.command in ("ls", "show", "kill", "logs", "events", "attach", "reap"):
+    if ns.command in ("ls", "show", "kill", "logs", "events", "attach", "reap", "extend"):
         from . import admin
 
         return admin.run(ns)

@@ -12,6 +12,7 @@ from . import log as _log
 from . import userfs
 from .agents import Agents
 from .attach import AttachHub
+from .extend import Extender
 from .audit import Audit, Rotation
 from .config import Config
 from .manager import Manager
@@ -93,4 +94,5 @@ def _load_extensions(manager: Manager, server: Server) -> list[AttachHub | Opera
     """The way to terminals (agents' status, attach) and the operations plane (policies, metrics)."""
     agents = Agents(manager)
     hub = AttachHub(manager, server, agents)
+    Extender(manager, server, agents)  # `sbroker extend`: nothing to close
     return [hub, Operations(manager, server, hub, agents)]

@@ -224,6 +224,8 @@ class Agent:
         self.status_written = 0.0
         self.status_timer: asyncio.TimerHandle | None = None
         self.stopping = asyncio.Event()
+        #: Set by op ``walltime`` (``sbroker extend`` raised the job's limit).
+        self.walltime_moved = asyncio.Event()
         self.loop = asyncio.get_running_loop()
 
     # ------------------------------------------------------------ lifecycle
@@ -291,8 +293,11 @@ class Agent:
                 await conn.send({"type": "result", **self.status()})
             elif op == "attach":
                 await self._attach(conn, message)
+            elif op == "walltime":
+                self.walltime_moved.set()
+                await conn.send({"type": "result"})
             else:
-                await conn.send({"type": "error", "message": "op: must be attach or status"})
+                await conn.send({"type": "error", "message": "op: must be attach, status or walltime"})
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError, OSError):
             pass
         finally:
@@ -664,7 +669,9 @@ class Agent:
     async def _walltime_loop(self) -> None:
         """Warn attached terminals before the allocation's end (``squeue %e``, re-read every
         5 minutes, every minute near a mark: an admin may change the limit). A mark passed
-        with nobody attached is shown to the next writer that attaches."""
+        with nobody attached is shown to the next writer that attaches. ``sbroker extend``
+        says when the limit moved (op ``walltime``): the end is read again at once, attached
+        terminals are told the new end, and marks that are ahead again will warn again."""
         if not self.walltime_marks or not self.job_id:
             return
         sent: set[int] = set()
@@ -672,17 +679,39 @@ class Agent:
         next_query = 0.0
         while True:
             now = time.time()
-            if now >= next_query:
+            moved = self.walltime_moved.is_set()
+            if now >= next_query or moved:
+                self.walltime_moved.clear()
                 end = await self._job_end()
                 near = end is not None and end - now <= self.walltime_marks[0] + 120
                 next_query = now + (60 if near else 300)
+                if moved and end is not None:
+                    sent = {m for m in sent if end - now <= m}
+                    self._tell_all(f"\r\n*** sbroker: this session's SLURM allocation was extended; it now ends"
+                                   f" at {time.strftime('%H:%M', time.localtime(end))}"
+                                   f" (in {int(end - now) // 60} minutes). ***\r\n", "walltime_extended")
             if end is not None:
                 left = max(0.0, end - now)
                 due = [m for m in self.walltime_marks if left <= m and m not in sent]
                 if due:
                     sent.update(due)
                     self._warn_walltime(min(due), left)
-            await asyncio.sleep(5)
+            try:
+                await asyncio.wait_for(self.walltime_moved.wait(), 5)
+            except asyncio.TimeoutError:
+                pass
+
+    def _tell_all(self, text: str, event: str) -> int:
+        """Show ``text`` in every attached terminal (or to the next writer if none); logged."""
+        delivered = 0
+        for shell in self.shells.values():
+            if shell.writer is not None or shell.observers:
+                self._deliver(shell, text.encode())
+                delivered += 1
+        if not delivered:
+            self.unread_notices = [text]
+        log(event, delivered=delivered)
+        return delivered
 
     async def _job_end(self) -> float | None:
         try:
@@ -855,6 +884,9 @@ class Streams:
         self.handshaking += 1
         try:
             sock.setblocking(False)
+            # No Nagle: the handshake and request/reply protocols (sftp, rsync) over the socket
+            # would otherwise wait on the peer's 40 ms delayed ACK (see broker/direct.py).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
                 await asyncio.wait_for(self._handshake(sock), HANDSHAKE_TIMEOUT)
                 request = await asyncio.wait_for(self._recv_line(sock), HANDSHAKE_TIMEOUT)
@@ -1197,11 +1229,12 @@ def attach_main(mode: str, argv: list[str], announce: str = "") -> int:
                         _write_all(stdout, b"".join(output))
 
 
-def status_main() -> int:
+def status_main(op: str = "status") -> int:
+    """``status``: print the agent's status; ``walltime``: tell it the job's limit moved."""
     directory = os.path.dirname(os.path.abspath(__file__))
     try:
         sock = connect(directory)
-        sock.sendall(encode_json({"op": "status"}))
+        sock.sendall(encode_json({"op": op}))
         buffer = bytearray()
         while True:
             chunk = sock.recv(65536)
@@ -1258,9 +1291,9 @@ def main(argv: list[str] | None = None) -> int:
         if mode not in ("write", "observe"):
             raise SystemExit("sbroker agent: --mode must be write or observe")
         return attach_main(mode, rest, opts.get("announce", ""))
-    if command == "status":
-        return status_main()
-    sys.stderr.write("usage: sessionagent.py serve|attach|status [options] [-- argv]\n")
+    if command in ("status", "walltime"):
+        return status_main(command)
+    sys.stderr.write("usage: sessionagent.py serve|attach|status|walltime [options] [-- argv]\n")
     return 2
 
 

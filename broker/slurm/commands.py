@@ -58,5 +58,15 @@ def sinfo_partitions() -> list[str]:
     return ["sinfo", "--noheader", "--format=%R %G"]
 
 
+def scontrol_time_limit(job_id: str, minutes: int) -> list[str]:
+    """Raise (or set) a job's time limit: the one SLURM action the broker takes as root
+    (``sbroker extend``; only root or SLURM's administrator may raise a TimeLimit)."""
+    if not (job_id.isdigit() and job_id.isascii()):
+        raise ValueError(f"job_id: must be digits (got {job_id!r})")
+    if isinstance(minutes, bool) or not isinstance(minutes, int) or not 1 <= minutes <= 525600 * 10:
+        raise ValueError(f"minutes: must be a whole number of minutes (got {minutes!r})")
+    return ["scontrol", "update", f"JobId={job_id}", f"TimeLimit={minutes}"]
+
+
 def sdiag() -> list[str]:
     return ["sdiag"]

@@ -38,6 +38,11 @@ class JobInfo:
     name: str
     comment: str
     uid: int = -1
+    #: ``squeue --json`` only: the partition(s) and the time limit in minutes (-1: none or
+    #: unknown), for ``sbroker extend``; the priority, for the queue position of a pending job.
+    partition: str = ""
+    time_limit: int = -1
+    priority: int = 0
 
     @property
     def active(self) -> bool:
@@ -103,8 +108,13 @@ def parse_squeue_json(text: str) -> dict[str, JobInfo]:
         jobs[key] = JobInfo(
             key, _text(job.get("job_state")), _text(job.get("state_reason")), _text(job.get("nodes")),
             time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(start)) if isinstance(start, int) and start > 0
-            else "N/A", "", _text(job.get("user_name")), _text(job.get("name")), _text(job.get("comment")), uid)
+            else "N/A", "", _text(job.get("user_name")), _text(job.get("name")), _text(job.get("comment")), uid,
+            _text(job.get("partition")), _int(job.get("time_limit"), -1), _int(job.get("priority"), 0))
     return {k: v for k, v in jobs.items() if k not in dup}
+
+
+def _int(value: object, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
 
 
 def _text(value: object) -> str:
