@@ -70,14 +70,17 @@ def open_stream(host: str, port: int, key: bytes, request: dict[str, object]) ->
     except OSError as exc:
         raise StreamError(f"cannot reach the session agent at {host}:{port}: {exc.strerror or exc}") from None
     try:
+        # Small writes answered by the peer: without TCP_NODELAY, Nagle holds each second write
+        # until the first is acknowledged, and the peer delays that ACK by 40 ms. The socket
+        # becomes the command's stdin, and sftp and rsync are request/reply protocols too.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client_nonce = secrets.token_bytes(NONCE)
         sock.sendall(MAGIC + client_nonce)
         answer = _recv_exactly(sock, NONCE + 32)
         server_nonce, proof = answer[:NONCE], answer[NONCE:]
         if not hmac.compare_digest(proof, _mac(key, b"server", client_nonce, server_nonce)):
             raise StreamError(f"the listener at {host}:{port} is not this session's agent (wrong key proof)")
-        sock.sendall(_mac(key, b"client", client_nonce, server_nonce))
-        sock.sendall(json.dumps(request).encode() + b"\n")
+        sock.sendall(_mac(key, b"client", client_nonce, server_nonce) + json.dumps(request).encode() + b"\n")
         reply = _recv_line(sock) if request.get("op") == "exec" else {}
     except OSError as exc:
         sock.close()

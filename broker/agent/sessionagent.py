@@ -884,6 +884,9 @@ class Streams:
         self.handshaking += 1
         try:
             sock.setblocking(False)
+            # No Nagle: the handshake and request/reply protocols (sftp, rsync) over the socket
+            # would otherwise wait on the peer's 40 ms delayed ACK (see broker/direct.py).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
                 await asyncio.wait_for(self._handshake(sock), HANDSHAKE_TIMEOUT)
                 request = await asyncio.wait_for(self._recv_line(sock), HANDSHAKE_TIMEOUT)
