@@ -41,6 +41,7 @@ METHOD = """\
 | readiness delay | marker appended to a job log → manager's `_await_ready` moves the session to `ready` (persisted) | — (absolute goal) |
 | scheduler load | the manager's real poller (`run_poller`) over N tracked sessions whose jobs are held in SLURM | one `squeue -h -j ID -o '%T %B'` per session per cycle (batchspawner's query), one at a time |
 | pty throughput / keys | `cat` of a large file, and single-byte echo in `cat >/dev/null`, through `sbroker login` → `srun --pty` → session agent → shell | the same through the bare `srun --overlap --pty` by hand, same user, job and instance, both terminals open at once |
+| transfer (issue 19) | sbalice through the bed's sshd (ForceCommand `sbroker login`) into her ready session: `scp` (SFTP protocol and `-O`), `sftp -b` put/get, `rsync -a -W -e ssh`, `ssh host 'cat > f' < file` / `ssh host 'cat f' > out` with a 200 MiB random file, and `scp -r`, `sftp` put -r/get -r, `rsync -a` with a tree of 2,000 files of 1-8 KiB, each way; the command runs in the instance over the direct stream to the session agent | the same commands as sbalice through the bench-only sshd (port 2824, no ForceCommand): plain ssh to the login node, writing the same home (shared storage). Context rows: plain ssh + hand-typed `srun --overlap --jobid=J --unbuffered sh -c 'cat …'` into the same job (the path before issue 19), and `ssh host true` (the fixed cost per command). Speeds are bytes or files over the client's wall time, integrity (sha256 of the file, every file of the tree) checked after each transfer, untimed |
 | verify | `broker.container.apptainer.verify()` (in-process streaming sha256: hashlib, i.e. OpenSSL with the CPU's SHA instructions) | `openssl dgst -sha256` as a process, same file in the page cache, rounds interleaved. Context rows, labelled: `openssl speed -evp sha256` on a 1 MiB buffer in memory (the CPU's ceiling, no file read) and coreutils `sha256sum` (no SHA-instruction path) |
 | RSS / re-adoption | daemon restarted over a store with 1,000 live sessions (job ids unknown to SLURM, gone-grace long) | — (absolute goals) |
 | RSS with attached terminals | the daemon's VmRSS (and fds, tasks) with 100 interactive logins of one session at their prompt | the same daemon with none attached, sampled before each round of logins |
@@ -54,6 +55,8 @@ authorized keys); it runs in a private mount namespace whose `/etc/passwd` gives
 `/bin/bash` as login shell, because the bed's login shell for her is the `sbroker-login`
 wrapper, which ignores `-c`. The "local" row removes ssh from both sides: context for what the
 login path itself adds.
+
+**Transfers compare against plain ssh, not against srun.** In the transfer rows the "raw SLURM" column is plain ssh to the login node (what a user without sbroker transfers with); the result is sbroker's speed over plain's (higher is better, goal ≥ 0.9×). Each scp/sftp/rsync/ssh invocation is one SSH login, so the sbroker side pays its per-command cost (login client, ensure, the direct-stream handshake, the container exec) once per transfer; the `ssh host true` row shows that cost alone.
 
 **Why the no-ssh pairing is the issue's for cold start.** The raw side, `sbatch` → marker, has no
 ssh in it, so the sbroker side is timed from `sbroker login` (what sshd's ForceCommand runs) to
