@@ -58,7 +58,9 @@ class Progress:
             text += f" (reason: {event['pending_reason']}"
             if event.get("expected_start") not in (None, "", "N/A", "Unknown"):
                 text += f", expected start {event['expected_start']}"
-            text += ")"
+            if isinstance(event.get("queue_ahead"), int):
+                text += f", about {event['queue_ahead']} job(s) ahead"
+            text += "; ^C cancels)" if self.tty else ")"
         elif event.get("reason") and state not in ("ready",):
             text += f": {event['reason']}"
         if text == self.last and not self.tty:
@@ -168,6 +170,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         result = client.request("ensure", on_progress=progress, **fields)
+    except KeyboardInterrupt:  # ^C while waiting: the broker cancels what this login submitted
+        progress.done()
+        from .loginprompt import cancel_wait
+
+        sys.stderr.write(f"sbroker: {cancel_wait(client)}\n")
+        client.close()
+        return 130
     except BrokerError as exc:
         client.close()
         progress.done()

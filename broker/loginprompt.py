@@ -1,9 +1,12 @@
-"""The question an interactive login asks when its profile is not the live session's.
+"""What a waiting login asks or says: another profile than the live session's, and ^C.
 
 A session is keyed by (user, project); its profile is an attribute. A login that names
 another profile than the one running gets, on a terminal, three choices: keep the live
 session (nothing is lost), end it and start the profile asked for, or cancel. Commands and
 file transfers cannot ask and are refused in one line instead (the broker's answer).
+
+^C while the session is being created: :func:`cancel_wait` tells the broker, which cancels
+the job if this login submitted it and no other login waits for it, and answers in one line.
 
 Standard library only: this runs inside ``sbroker login`` on the SSH login path, and only
 when the question arises.
@@ -74,3 +77,24 @@ def retry_after_mismatch(path: str, message: str, fields: dict[str, object], pro
         return 1
     getattr(progress, "done", lambda: None)()
     return run(result["exec"])  # type: ignore[arg-type]
+
+
+def cancel_wait(client: object) -> str:
+    """Send ``cancel`` on the waiting ``ensure`` connection and return the broker's one line
+    (further ^C are ignored meanwhile: the answer comes within the scancel's time)."""
+    import signal
+
+    from .client import BrokerError
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        client.sock.settimeout(60)  # type: ignore[attr-defined]
+        client.send({"type": "cancel"})  # type: ignore[attr-defined]
+        while True:
+            message = client.recv()  # type: ignore[attr-defined]
+            if message.get("type") == "error":
+                return str(message.get("message", "cancelled"))
+            if message.get("type") == "result":
+                return "cancelled (the session was ready; it stays)"
+    except (BrokerError, OSError):
+        return "cancelled (the broker did not confirm; see sbroker ls)"

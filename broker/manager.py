@@ -29,7 +29,7 @@ from typing import Any
 
 import anyio
 
-from . import images, jobspec, profiles, userfs
+from . import images, jobspec, profiles, queue, userfs
 from . import limits
 from . import log as _log
 from .audit import Audit
@@ -89,6 +89,11 @@ class Manager:
         self.sessions: dict[str, Session] = {}
         self.by_key: dict[tuple[str, str], Session] = {}
         self._inflight: dict[tuple[str, str], asyncio.Task[Session]] = {}
+        #: The ensure call (its token) that created each session still coming up, and how many
+        #: ensure calls wait on each: ^C cancels a pending submission only for its maker, alone.
+        self._made_by: dict[str, object] = {}
+        self._waiting: dict[str, int] = defaultdict(int)
+        self._last_ahead = 0.0
         self._listeners: dict[str, set[Callable[[dict[str, Any]], None]]] = defaultdict(set)
         self._absent_since: dict[str, float] = {}
         self._cancel_sent: dict[str, float] = {}
@@ -138,6 +143,8 @@ class Manager:
         self.log.info("session_state", session=session.id, user=session.user, project=session.project,
                       job_id=session.job_id, instance=session.instance, old=old.value, new=new.value,
                       reason=session.reason)
+        if new in TERMINAL or new == State.READY:
+            self._made_by.pop(session.id, None)
         if new in TERMINAL:
             # Forget it in memory (months of sessions must not pile up here); the store keeps it.
             self._cancel_sent.pop(session.job_id, None)
@@ -182,7 +189,7 @@ class Manager:
 
     async def ensure(self, user: User, project: str,
                      listener: Callable[[dict[str, Any]], None] | None = None, *,
-                     profile: str | None = None, mismatch: str = "refuse") -> Session:
+                     profile: str | None = None, mismatch: str = "refuse", token: object = None) -> Session:
         """Return the ready session for ``(user, project)``, creating it exactly once.
 
         ``profile`` is the name the login asked for (None: whatever runs, else the default).
@@ -220,12 +227,15 @@ class Manager:
         if task is None:
             if session is None:
                 session = Session(user=user.name, uid=user.uid, project=project, profile=chosen.name)
+                if token is not None:
+                    self._made_by[session.id] = token
                 self._track(session)
                 self.store.save(session)
                 self.log.info("session_state", session=session.id, user=user.name, project=project,
                               profile=chosen.name, old=None, new=State.REQUESTED.value, reason="first login")
             task = self._start_bring_up(session, user)
         unsubscribe = self.subscribe(session.id, listener) if listener else None
+        self._waiting[session.id] += 1
         try:
             if listener:
                 listener({"type": "progress", "state": session.state.value, "session": session.id,
@@ -233,8 +243,28 @@ class Manager:
                           "expected_start": session.expected_start, "profile": session.profile})
             return self._checked(await asyncio.shield(task), profile, chosen.name, mismatch)
         finally:
+            self._waiting[session.id] -= 1
+            if self._waiting[session.id] <= 0:
+                self._waiting.pop(session.id, None)
             if unsubscribe:
                 unsubscribe()
+
+    async def cancel_pending(self, user: User, project: str, token: object) -> str:
+        """A login's ^C while its session waits: end the session if that login submitted it and
+        no other login waits for it; either way, one line saying what happened."""
+        session = self.by_key.get((user.name, project))
+        if session is None or session.user != user.name:
+            return "cancelled"
+        if session.state not in (State.REQUESTED, State.SUBMITTED, State.PENDING):
+            return f"cancelled; the session of {project} is {session.state.value} and stays"
+        if self._made_by.get(session.id) is not token:
+            return f"cancelled; the session of {project} was started by another login and stays"
+        if self._waiting.get(session.id, 0) > 0:
+            return f"cancelled; another login waits for the session of {project}, so it stays"
+        job = session.job_id
+        await self.kill(session, by=user.name, by_uid=user.uid, reason="cancelled (^C) while pending")
+        self.log.info("pending_cancelled", session=session.id, user=user.name, project=project, job_id=job)
+        return f"cancelled; job {job} was cancelled" if job else "cancelled before submission"
 
     def _checked(self, session: Session, requested: str | None, chosen: str, mismatch: str) -> Session:
         """Never a silent mismatch: a session that turned out to run another profile than the
@@ -301,6 +331,7 @@ class Manager:
             # refused there reads as "missing" and costs only the mkdir.
             if self.config.create_project_dir and not os.path.isdir(spec.host_project_dir):
                 await self.runner.run(["mkdir", "-p", "--", spec.host_project_dir], user=user)
+            await self._forecast(session, user, spec, profile.partition)
             result = await self.runner.run(spec.sbatch_argv, user=user, input=spec.script.encode())
             job_id = parse_sbatch(result.stdout)
         except ControllerUnavailable as exc:
@@ -309,6 +340,9 @@ class Manager:
         except (SlurmError, OSError, ValueError) as exc:
             self._fail(session, f"submission failed: {getattr(exc, 'reason', None) or exc}")
             raise SessionError("submit_failed", session.reason) from None
+        if session.state in TERMINAL:  # ended (^C, kill) while sbatch ran: its job must not outlive it
+            await self._cancel_job(job_id, user)
+            raise SessionError("failed", session.reason or "session ended while it was being submitted")
         session.job_id = job_id
         session.submitted_at = time.time()
         self.transition(session, State.SUBMITTED, f"job {job_id} submitted")
@@ -316,6 +350,50 @@ class Manager:
                           job_id=job_id, instance=session.instance, image=session.image,
                           digest=session.image_digest, profile=session.profile)
         self._wake.set()
+
+    async def _forecast(self, session: Session, user: User, spec: jobspec.JobSpec, partition: str) -> None:
+        """When jobs already wait in the partition (the scan just taken says so; no extra
+        query otherwise), ask SLURM when this one would start (``sbatch --test-only``, as the
+        user, nothing submitted) and tell the waiting logins before they wait."""
+        if self._scan is None or time.monotonic() - self._scan[0] > 5.0:
+            return
+        busy = queue.waiting(self._scan[1], partition)
+        if not busy:
+            return
+        argv = [spec.sbatch_argv[0], "--test-only", *spec.sbatch_argv[1:]]
+        try:
+            result = await self.runner.run(argv, user=user, input=spec.script.encode(), check=False)
+        except SlurmError:
+            return
+        start = queue.forecast_start(result.stderr)
+        text = f"partition {partition} is busy ({busy} job(s) waiting)"
+        if start:
+            text += f"; SLURM expects this session to start at {start}"
+        session.expected_start = start or session.expected_start
+        self.log.info("queue_forecast", session=session.id, user=user.name, partition=partition, waiting=busy,
+                      expected_start=start)
+        self._notify(session, {"type": "progress", "state": session.state.value, "reason": text,
+                               "expected_start": start, "queue_waiting": busy})
+
+    async def _queue_positions(self) -> None:
+        """For sessions that wait: roughly how many jobs are ahead (one shared ``squeue --json``
+        at most every 5 s, and only while a session is pending)."""
+        pending = [s for s in self.sessions.values() if s.state == State.PENDING and s.job_id]
+        if not pending or time.monotonic() - self._last_ahead < 5.0:
+            return
+        self._last_ahead = time.monotonic()
+        try:
+            jobs = await self.scan(max_age=5.0)
+        except (SlurmError, ValueError):
+            return
+        for session in pending:
+            ahead = queue.ahead(jobs, session.job_id)
+            if ahead is not None and ahead != session.queue_ahead:
+                self.log.info("queue_position", session=session.id, job_id=session.job_id, ahead=ahead)
+                session.queue_ahead = ahead
+                self._notify(session, {"type": "progress", "state": session.state.value,
+                                       "pending_reason": session.pending_reason,
+                                       "expected_start": session.expected_start, "queue_ahead": ahead})
 
     # ------------------------------------------------------- several login nodes, one truth
 
@@ -601,6 +679,7 @@ class Manager:
             self._wake.clear()
             last = time.monotonic()
             await self.poll_once()
+            await self._queue_positions()
             await self._converge_all()
             if time.monotonic() - self._last_discover > DISCOVER_INTERVAL:
                 await self.discover()

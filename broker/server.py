@@ -235,20 +235,36 @@ class Server:
         warm = before is not None and before.state == State.READY
         started = time.monotonic()
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        token = object()  # this login: a ^C cancels only a submission it made (Manager.cancel_pending)
         task = asyncio.ensure_future(self.manager.ensure(conn.user, project, queue.put_nowait, profile=profile,
-                                                         mismatch=mismatch))
+                                                         mismatch=mismatch, token=token))
+        # While it waits, the login may say {"type": "cancel"} (^C); its leaving says nothing.
+        incoming = asyncio.ensure_future(conn.read_json())
         try:
             while not task.done():
                 getter = asyncio.ensure_future(queue.get())
-                done, _ = await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait({task, getter, incoming}, return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
                     await conn.send(getter.result())
                 else:
                     getter.cancel()
+                if incoming in done and not task.done():
+                    if self._is_cancel(incoming):
+                        task.cancel()
+                        try:
+                            await task
+                        except (asyncio.CancelledError, SessionError):
+                            pass
+                        what = await self.manager.cancel_pending(conn.user, project, token)
+                        await conn.send({"type": "error", "code": "cancelled", "field": "session",
+                                         "message": what})
+                        return
+                    incoming = asyncio.ensure_future(asyncio.Event().wait())  # gone or noise: wait on
             while not queue.empty():
                 await conn.send(queue.get_nowait())
             session = task.result()
         finally:
+            incoming.cancel()
             if not task.done():
                 task.cancel()  # the creation itself is shielded in the manager and goes on
         for observer in self.on_ensured:
@@ -267,6 +283,15 @@ class Server:
                 raise SessionError("unsupported", "attach: this broker has no terminal support loaded")
             reply["exec"] = await self.attach_exec(conn, session, attach)
         await conn.send(reply)
+
+    @staticmethod
+    def _is_cancel(incoming: asyncio.Future[dict[str, Any]]) -> bool:
+        """Whether the frame a waiting login sent is ``{"type": "cancel"}`` (anything else, a
+        bad frame or the connection closing, is not)."""
+        if incoming.cancelled() or incoming.exception() is not None:
+            return False
+        message = incoming.result()
+        return isinstance(message, dict) and message.get("type") == "cancel"
 
     async def op_list(self, conn: Connection, message: dict[str, Any]) -> None:
         await self.manager.discover()  # sessions other login nodes started (one shared scan)

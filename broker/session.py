@@ -75,6 +75,8 @@ class Session:
     log_path: str = ""
     pending_reason: str = ""
     expected_start: str = ""
+    #: PENDING: roughly how many pending jobs of its partition come first (-1: not known).
+    queue_ahead: int = -1
     time_left: str = ""
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
