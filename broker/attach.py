@@ -40,7 +40,7 @@ from .identity import User, lookup_name
 from .manager import Manager, SessionError
 from .server import Connection, Server
 from .session import Session, State
-from .shells import instance_command_argv, instance_shell_argv, safe_term
+from .shells import instance_command_argv, instance_shell_argv, instance_sshd_argv, safe_term
 
 #: A bridge stops reading the pty while this much output waits for the administrator.
 BRIDGE_HIGH_WATER = 256 * 1024
@@ -99,14 +99,22 @@ class AttachHub:
         self._record("attach", session, conn, mode)
         return spec
 
-    async def direct_stream(self, session: Session, command: str, term: str) -> dict[str, Any] | None:
-        """Where ``sbroker login`` runs a command without a terminal: the agent's direct stream
-        (host, port, the key file the user reads, the argv), or None when the agent has none."""
+    async def direct_stream(self, session: Session, command: str | None, term: str,
+                            endpoint: str | None = None) -> dict[str, Any] | None:
+        """Where ``sbroker login`` runs a command without a terminal, or the SSH endpoint
+        (``endpoint="ssh"``): the agent's direct stream (host, port, the key file the user
+        reads, the argv), or None when the agent has none."""
         status = await self.agents.locate(session)
         if status is None or not status.port or not session.node:
             return None
         host = await self.manager.node_addr(session.node)
-        argv = instance_command_argv(session.instance, session.user, session.project, command, term)
+        if endpoint == "ssh":
+            # The home from the passwd entry, never from the message: the host key and the
+            # authorized keys are the session owner's files.
+            argv = instance_sshd_argv(session.instance, session.user, session.project, session.job_id,
+                                      lookup_name(session.user).home, self.manager.config.ssh_authorized_keys)
+        else:
+            argv = instance_command_argv(session.instance, session.user, session.project, command or "", term)
         return {"host": host, "port": status.port, "key": key_file(session), "argv": argv}
 
     def _record(self, event: str, session: Session, conn: Connection, mode: str) -> None:

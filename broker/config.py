@@ -124,6 +124,10 @@ class Config:
     direct_streams: bool = True
     stream_listen: str = "0.0.0.0"
     limit_commands: int = 128
+    #: The SSH endpoint (``sbroker ssh-proxy``): an ``sshd -i`` of the image over the direct stream.
+    ssh_endpoint: bool = True
+    #: sshd's ``AuthorizedKeysFile`` for it (relative paths are to the home; ``%h``/``%u`` allowed).
+    ssh_authorized_keys: str = ".ssh/authorized_keys"
 
     #: ``[profiles.NAME]``: the session sizes users choose at login (:mod:`broker.profiles`);
     #: without that section, one profile ``default`` made of ``[slurm]`` and ``[container]``.
@@ -207,6 +211,8 @@ _FIELDS: list[tuple[str, str, str, str]] = [
     ("limits", "commands_per_session", "limit_commands", "int:1:10000"),
     ("transfer", "direct", "direct_streams", "bool"),
     ("transfer", "listen", "stream_listen", "address"),
+    ("transfer", "ssh_endpoint", "ssh_endpoint", "bool"),
+    ("transfer", "authorized_keys", "ssh_authorized_keys", "keysfile"),
     ("extend", "step", "extend_step", "slurmtime"),
     ("extend", "max_total", "extend_max_total", "slurmtime_or_empty"),
     ("extend", "only_if_idle_partition", "extend_only_if_idle_partition", "bool"),
@@ -232,6 +238,10 @@ def _check(kind: str, value: Any) -> tuple[Any, str | None]:
         return tuple(sorted(value, reverse=True)), None
     if not isinstance(value, (str, list)):
         return value, "has the wrong type"
+    if kind == "keysfile":  # one sshd AuthorizedKeysFile word: no spaces, no "..", tokens %h %u %%
+        ok = (isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9._/%-]{1,256}", value) is not None
+              and ".." not in value.split("/") and re.fullmatch(r"([^%]|%[hu%])*", value) is not None)
+        return value, None if ok else "must be one path (letters, digits, . _ / -, and %h %u), without '..'"
     if kind == "namelist":
         if not isinstance(value, list) or not all(isinstance(v, str) and _NAME_RE.fullmatch(v) for v in value):
             return value, f"must be a list of names matching {_NAME_RE.pattern}"

@@ -4,8 +4,8 @@ Imported by ``sbroker login`` for commands without a terminal (scp, sftp, rsync,
 host 'cat f'``): the command's stdin and stdout are a TCP connection straight to the
 session's agent on the compute node (:class:`broker.agent.sessionagent.Streams`), which
 hands it to the command as fds 0 and 1. ``srun``'s stdio forwarding, which caps transfers
-at a third of ssh's speed, is not in the path: the bytes cross this process (one thread
-each way, 1 MiB reads) and the kernel's TCP stack, nothing else.
+at a third of ssh's speed, is not in the path: the bytes go from sshd's pipes to the socket
+by ``splice`` (one thread each way) and through the kernel's TCP stack, nothing else.
 
 Both sides prove they know the session key (a file only the user can read) before any
 data moves; see the agent's docstring. A failure to reach or authenticate the agent is one
@@ -14,11 +14,14 @@ line on stderr and status 255, as ssh reports a failed connection.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import hmac
 import json
 import os
 import secrets
+import select
 import signal
 import socket
 import struct
@@ -101,26 +104,66 @@ def read_key(path: str) -> bytes:
         raise StreamError(f"cannot read the session key {path}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
-def _pump(src: int, dst: int, on_end=None) -> None:
-    """Move bytes until EOF with ``read``/``write`` of up to 1 MiB.
+def _wait(fd: int, events: int) -> None:
+    poller = select.poll()
+    poller.register(fd, events)
+    poller.poll()
 
-    Not ``splice(2)``: from a TCP socket into sshd's pipe, or from the pipe into the
-    socket, it waits to fill the whole length while the other side stays open, so a
-    request/reply protocol (sftp) stalls on its first small message.
+
+def _pump(src: int, dst: int, on_end=None) -> None:
+    """Move bytes until EOF, by ``splice(2)`` where one side is a pipe, else ``read``/``write``.
+
+    sshd gives the command pipes, so the bytes go from its pipe to the socket and back
+    without a copy through this process. The socket is non-blocking (a blocking ``splice``
+    from it can wait for more than is there, stalling request/reply protocols such as sftp):
+    each step waits in ``poll`` for the side it needs, so a sftp request moves as soon as it
+    is written.
     """
+    use_splice = hasattr(os, "splice")
     try:
         while True:
-            data = os.read(src, CHUNK)
+            _wait(src, select.POLLIN)
+            if use_splice:
+                try:
+                    moved = os.splice(src, dst, CHUNK, flags=os.SPLICE_F_NONBLOCK | os.SPLICE_F_MOVE)
+                except BlockingIOError:  # src is readable, so dst is full
+                    _wait(dst, select.POLLOUT)
+                    continue
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:  # EINVAL: neither side is a pipe
+                        raise
+                    use_splice = False
+                    continue
+                if moved == 0:
+                    break
+                continue
+            try:
+                data = os.read(src, CHUNK)
+            except BlockingIOError:
+                continue
             if not data:
                 break
             view = memoryview(data)
             while view:
-                view = view[os.write(dst, view):]
+                try:
+                    view = view[os.write(dst, view):]
+                except BlockingIOError:
+                    _wait(dst, select.POLLOUT)
     except OSError:
         pass
     finally:
         if on_end is not None:
             on_end()
+
+
+def _widen_pipes(*fds: int) -> None:
+    """Ask for 1 MiB pipe buffers on sshd's pipes (the unprivileged maximum by default): fewer
+    wake-ups of sshd and of the splice per MiB. Not a pipe, or refused: left as it is."""
+    for fd in fds:
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, CHUNK)
+        except (OSError, AttributeError):
+            pass
 
 
 def run(host: str, port: int, key_path: str, argv: list[str]) -> int:
@@ -153,6 +196,8 @@ def run(host: str, port: int, key_path: str, argv: list[str]) -> int:
         except OSError:
             pass
 
+    data.setblocking(False)
+    _widen_pipes(0, 1)
     upload = threading.Thread(target=_pump, args=(0, data.fileno(), stdin_done), daemon=True)
     download = threading.Thread(target=_pump, args=(data.fileno(), 1), daemon=True)
     upload.start()

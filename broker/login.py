@@ -155,11 +155,19 @@ def main(argv: list[str] | None = None) -> int:
     command = os.environ.get("SSH_ORIGINAL_COMMAND")
     project, command = split_project(command, os.environ.get("SBROKER_PROJECT"))
     project, profile = split_profile(project, os.environ.get("SBROKER_PROFILE"))
+    endpoint = None
+    if command is not None and command.split()[:1] == ["sbroker"]:
+        reserved = builtin(command.split()[1:], project)
+        if isinstance(reserved, int):
+            return reserved
+        endpoint, command = reserved, None
     has_tty = os.isatty(0) and os.isatty(1)
     progress = Progress(sys.stderr)
     term = os.environ.get("TERM", "")[:64]
     fields: dict[str, object] = {"project": project, "profile": profile}
-    if command is not None:
+    if endpoint is not None:
+        fields["endpoint"] = endpoint
+    elif command is not None:
         fields.update(command=command, tty=has_tty, term=term)
     else:
         fields["attach"] = {"mode": "write", "tty": has_tty, "term": term}
@@ -194,6 +202,31 @@ def main(argv: list[str] | None = None) -> int:
         spec = result["direct"]
         return direct.run(spec["host"], spec["port"], spec["key"], spec["argv"])
     return run_exec(result["exec"])
+
+
+def builtin(words: list[str], project: str | None) -> int | str:
+    """``ssh host sbroker ssh-proxy|ssh-config``: handled here, never run in the session.
+
+    Returns ``"ssh"`` when the login goes on to the session's SSH endpoint, else the exit
+    status of what was done here.
+    """
+    import pwd
+
+    from . import sshendpoint
+
+    me = pwd.getpwuid(os.getuid())
+    try:
+        if words[:1] == ["ssh-config"]:
+            return sshendpoint.ssh_config(me.pw_dir, me.pw_name, project, words[1:], sys.stdout)
+        if words == ["ssh-proxy"]:
+            sshendpoint.ensure_host_key(me.pw_dir)
+            return "ssh"
+    except sshendpoint.EndpointError as exc:
+        sys.stderr.write(f"sbroker: {exc}\n")
+        return 1
+    sys.stderr.write("sbroker: over ssh, `sbroker` takes ssh-proxy (the ProxyCommand of an SSH entry into "
+                     "your session) or ssh-config (prints that entry)\n")
+    return 2
 
 
 def run_exec(spec: dict[str, object]) -> int:

@@ -99,7 +99,7 @@ class Server:
         self.attach_exec: Callable[[Connection, Session, dict[str, Any]], Awaitable[dict[str, Any]]] | None = None
         #: ``ensure`` with a command and no terminal: where the session agent's direct stream is
         #: (:class:`broker.attach.AttachHub`), or None to run it through ``srun``.
-        self.direct_stream: Callable[[Session, str, str], Awaitable[dict[str, Any] | None]] | None = None
+        self.direct_stream: Callable[..., Awaitable[dict[str, Any] | None]] | None = None
 
     async def start(self) -> None:
         sock = bind_unix(Path(self.socket_path), "broker.socket", umask=0o111)
@@ -227,6 +227,12 @@ class Server:
         attach = message.get("attach")
         if attach is not None and (not isinstance(attach, dict) or command is not None):
             raise p.ProtocolError("attach", "must be an object of attach fields, and only without a command")
+        endpoint = message.get("endpoint")
+        if endpoint is not None and (endpoint != "ssh" or command is not None or attach is not None or tty):
+            raise p.ProtocolError("endpoint", 'must be "ssh", and only without a command, attach or tty')
+        if endpoint is not None and not self.config.ssh_endpoint:
+            raise SessionError("unsupported", "ssh-proxy: the SSH endpoint is off on this cluster "
+                                              "([transfer] ssh_endpoint = false); ask your administrator")
         profile = p.get_str(message, "profile", max_len=64) or None
         mismatch = p.get_str(message, "mismatch", default="refuse", max_len=16)
         if mismatch not in ("refuse", "keep", "replace"):
@@ -274,6 +280,12 @@ class Server:
             direct = await self.direct_stream(session, command, term)
             if direct is not None:
                 reply["direct"] = direct
+        elif endpoint is not None:
+            direct = await self.direct_stream(session, None, "", endpoint) if self.direct_stream else None
+            if direct is None:  # sshd's stdio through srun would be the 3x slower path: say so instead
+                raise SessionError("unsupported", "ssh-proxy: the session has no direct stream (its agent "
+                                                  "has none, or [transfer] direct = false)")
+            reply["direct"] = direct
         if command is not None and "direct" not in reply:
             argv = command_argv(session.job_id, session.instance, session.user, session.project, command,
                                 tty=tty, term=term)

@@ -17,11 +17,14 @@ import re
 
 from .container._validate import validate_instance_name, validate_job_id, validate_slug, validate_username
 from .container.apptainer._builders import SHELL_ENTRY_SNIPPET
+from .sshendpoint import HOST_KEY
 
 CONTAINER_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
 _TERM_RE = re.compile(r"^[A-Za-z0-9._+-]{1,64}$")
 #: sshd's built-in SFTP server has no binary; run the real one inside the container.
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
+#: The SSH endpoint's server: the image's own sshd (docs/admin.md, "SSH inside the session").
+SSHD = "/usr/sbin/sshd"
 
 
 def safe_term(term: str | None) -> str:
@@ -82,3 +85,49 @@ def command_argv(job_id: str, instance: str, user: str, project: str, command: s
     return ["srun", "--overlap", *(["--pty"] if tty else ["--unbuffered"]),
             f"--jobid={validate_job_id(job_id)}",
             *instance_command_argv(instance, user, project, command, term)]
+
+
+def endpoint_options(user: str, authorized_keys: str, env: dict[str, str] | None = None) -> list[str]:
+    """``sshd -o`` settings of the SSH endpoint (an unprivileged ``sshd -i`` in the container).
+
+    It runs as the user, so it can only ever log the user in (``AllowUsers`` says so too), by
+    their own keys, and forwarding ends inside the allocation, which is the point: ``-L``,
+    ``-R``, ``-D``, stream-local and agent forwarding are on; X11 and tunnels are off. No PAM
+    (an unprivileged sshd cannot use it) and no password: the login node already asked for
+    whatever the site requires before the stream to this sshd existed.
+    """
+    user = validate_username(user)
+    settings = {
+        "PidFile": "none", "UsePAM": "no", "AllowUsers": user, "AuthenticationMethods": "publickey",
+        "PubkeyAuthentication": "yes", "PasswordAuthentication": "no", "KbdInteractiveAuthentication": "no",
+        "HostbasedAuthentication": "no", "GSSAPIAuthentication": "no", "KerberosAuthentication": "no",
+        "AuthorizedKeysFile": authorized_keys, "StrictModes": "yes", "PermitUserEnvironment": "no",
+        "AllowTcpForwarding": "yes", "AllowStreamLocalForwarding": "yes", "AllowAgentForwarding": "yes",
+        "GatewayPorts": "no", "X11Forwarding": "no", "PermitTunnel": "no", "PermitTTY": "yes",
+        "PrintMotd": "no", "PrintLastLog": "no", "Subsystem": "sftp internal-sftp", "LogLevel": "ERROR",
+        "ClientAliveInterval": "60", "ClientAliveCountMax": "3",
+    }
+    if env:  # sshd gives sessions a fresh environment; these say which job and project they are in
+        settings["SetEnv"] = " ".join(f"{k}={v}" for k, v in env.items())
+    out: list[str] = []
+    for name, value in settings.items():
+        out += ["-o", f"{name}={value}" if name != "Subsystem" else f"{name} {value}"]
+    return out
+
+
+def instance_sshd_argv(instance: str, user: str, project: str, job_id: str, home: str,
+                       authorized_keys: str) -> list[str]:
+    """The SSH endpoint: ``sshd -i`` in the instance, its stdin/stdout the direct stream.
+
+    ``-f /dev/null``: nothing in the image's ``/etc/ssh`` applies; every setting is here. The
+    host key is the user's own file (:data:`HOST_KEY` in ``home``), read by the user's sshd.
+    """
+    key = f"{home.rstrip('/')}/{HOST_KEY}"
+    if not key.startswith("/") or "\0" in key or "\n" in key:
+        raise ValueError("home: must be an absolute path")
+    return ["apptainer", "exec", *_identity(user, project, ""), "--pwd", home,
+            f"instance://{validate_instance_name(instance)}",
+            SSHD, "-i", "-f", "/dev/null", "-h", key,
+            *endpoint_options(user, authorized_keys, {"SLURM_JOB_ID": validate_job_id(job_id),
+                                                      "SLURM_JOBID": job_id,
+                                                      "SBROKER_PROJECT": validate_slug(project, "project")})]

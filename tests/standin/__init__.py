@@ -21,7 +21,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 STANDIN = HERE / "apptainer"
-IMAGE_BUILD_VERSION = "3"           # bump when the image recipe changes
+IMAGE_BUILD_VERSION = "4"           # bump when the image recipe changes
 SYSTEM_PYTHON = "/usr/bin/python3"
 
 __all__ = ["STANDIN", "REAL_APPTAINER", "real_apptainer", "apptainer_path", "install",
@@ -73,6 +73,8 @@ IMAGE_BINARIES = [
     "ln", "sort", "tee", "test", "[", "mktemp", "basename", "dirname", "date", "echo", "kill",
     "pwd", "cmp", "od", "nproc", "rmdir", "tr", "cut", "uniq", "md5sum", "find", "xargs", "pgrep",
     "pkill", "timeout", "nohup", "setsid", "getent", "python3",
+    # the SSH endpoint (issue 18): the image's own sshd, and a client side for agent forwarding
+    "sshd", "ssh", "ssh-add", "ssh-keygen",
 ]
 EXTRA_FILES = ["/usr/lib/openssh/sftp-server"]
 PY_EXCLUDE = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data",
