@@ -39,12 +39,14 @@ def window_size(fd: int) -> tuple[int, int]:
 
 
 class _RawTTY:
-    def __init__(self, fd: int) -> None:
+    """The terminal ``fd`` in raw mode while entered (``None``: leave the terminal as it is)."""
+
+    def __init__(self, fd: int | None) -> None:
         self.fd = fd
         self.saved: list[object] | None = None
 
     def __enter__(self) -> _RawTTY:
-        if os.isatty(self.fd):
+        if self.fd is not None and os.isatty(self.fd):
             self.saved = termios.tcgetattr(self.fd)
             tty.setraw(self.fd, termios.TCSANOW)
         return self
@@ -115,7 +117,9 @@ def attach(session: str, *, mode: str = "write", client: Client | None = None, r
             sel.register(stdin, selectors.EVENT_READ, "stdin")
         except (PermissionError, ValueError):  # a regular file or /dev/null: nothing to type
             pass
-    raw = _RawTTY(stdin)
+    # Raw only for a writer: an observer's keys are never read, so its terminal stays cooked
+    # and ^C is a SIGINT that ends observing (as when the broker turns a writer into one).
+    raw = _RawTTY(stdin if mode == "write" else None)
 
     def on_control(message: dict[str, object]) -> None:
         if message.get("type") == "attached" and message.get("mode") == "observe" and "stdin" in wake_targets:

@@ -7,13 +7,15 @@ with an empty state dir and no leftover jobs.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
-
+from pathlib import Path
 
 from tests.cluster import config as tb
 from tests.integration.conftest import broker  # noqa: F401  (the same module-scoped daemon)
+from tests.integration.conftest import sbroker_json
 from tests.integration.daemon import SOCKET
 
 ALICE, BOB = tb.USERS
@@ -43,3 +45,10 @@ def broker_rss_kb(pid: int) -> int:
 
 def sbroker_env() -> str:
     return f"SBROKER_SOCKET={SOCKET}"
+
+
+def agent_status(session: str) -> dict:
+    """The session agent's own status file (``{instance}.agent.json`` beside the job log, written
+    0.1 s after each change: shells, writers, observers, detached), read as root."""
+    shown = sbroker_json(tb.ADMIN, "show", session)
+    return json.loads(Path(shown["log_path"]).with_name(f"{shown['instance']}.agent.json").read_text())

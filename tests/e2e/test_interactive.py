@@ -15,8 +15,9 @@ import pytest
 
 from tests.cluster import config as tb
 from tests.integration.conftest import jobs_of
+from tests.waiting import wait_for
 
-from .conftest import ALICE, PROMPT, PROMPT_RE, broker_rss_kb, sbroker_env, ssh_argv
+from .conftest import ALICE, PROMPT, PROMPT_RE, agent_status, broker_rss_kb, sbroker_env, ssh_argv
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -103,14 +104,13 @@ def test_window_size_follows_resize(login):
     s = login(rows=33, cols=101)
     assert s.run("stty size").strip() == b"33 101"
     s.child.setwinsize(47, 150)
-    time.sleep(0.5)
-    assert s.run("stty size").strip() == b"47 150"
+    wait_for(lambda: s.run("stty size").strip() == b"47 150", 10, "the shell's terminal to take the new size")
 
 
 def test_ctrl_c_interrupts_foreground_command(login):
     s = login()
-    s.sendline("sleep 100")
-    time.sleep(1.0)
+    s.sendline("sh -c 'echo FG''-UP; exec sleep 100'")
+    s.child.expect(rb"FG-UP\r\n")   # the foreground job runs (the typed line shows FG''-UP)
     started = time.monotonic()
     s.child.sendcontrol("c")
     s.child.expect(PROMPT_RE, timeout=10)
@@ -150,7 +150,7 @@ def test_drop_and_reattach_same_shell_with_scrollback(login):
     pid = first.run("echo $$").strip()
     os.kill(first.child.pid, signal.SIGKILL)  # the SSH connection drops
     first.child.close(force=True)
-    time.sleep(1.0)
+    wait_for(lambda: agent_status(f"{ALICE}/default")["detached"] == 1, 30, "the agent to see the login go")
     second = login(set_prompt=False)
     second.child.expect(rb"SCROLL-1234", timeout=30)  # scrollback replayed first
     second.child.send(b"\r")
@@ -165,11 +165,17 @@ def test_observer_sees_output_and_cannot_type(login):
     obs = pexpect.spawn("ssh", ["-tt", *tb.SSH_OPTS, f"{tb.ADMIN}@{tb.SSH_HOST}", cmd], timeout=30,
                         dimensions=(24, 80))
     try:
-        time.sleep(2.0)  # the observer attaches
+        wait_for(lambda: agent_status(f"{ALICE}/default")["observers"] == 1, 30, "the observer to attach")
         writer.run("echo WATCH-$((40+2))")
         obs.expect(rb"WATCH-42")
         obs.send(b"echo TYPED-BY-OBS-$((2+3))\r")
-        time.sleep(1.0)
+        # ^C ends an observer (exit 130): its client has then handled every key before it, and
+        # once the agent counts no observer, nothing of that connection is left in flight.
+        obs.sendcontrol("c")
+        obs.expect(pexpect.EOF, timeout=30)
+        obs.close()
+        assert obs.exitstatus == 130
+        wait_for(lambda: agent_status(f"{ALICE}/default")["observers"] == 0, 30, "the observer to be gone")
         out = writer.run("echo after")
         assert b"TYPED-BY-OBS" not in out and out.strip() == b"after"
         assert b"TYPED-BY-OBS-5" not in writer.child.before
@@ -248,12 +254,16 @@ async def _asyncssh_session() -> None:
         assert [j["job_id"] for j in jobs_of(ALICE, states="RUNNING")] == [line.split("J=")[1].split()[0]]
         await until(b"ASYNC> ")
         proc.change_terminal_size(123, 41)
-        await asyncio.sleep(0.5)
-        proc.stdin.write(b"stty size\r")
-        await until(b"41 123\r\n")
-        await until(b"ASYNC> ")
-        proc.stdin.write(b"sleep 100\r")
-        await asyncio.sleep(1.0)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:   # the resize travels ssh -> srun -> agent: ask until the pty has it
+            proc.stdin.write(b"echo S=$(stty size)=''S\r")   # the typed line shows =''S
+            size = (await until(b"=S\r\n")).rsplit(b"S=", 1)[1]
+            await until(b"ASYNC> ")
+            if size == b"41 123=S\r\n":
+                break
+        assert size == b"41 123=S\r\n", size
+        proc.stdin.write(b"sh -c 'echo FG''-UP; exec sleep 100'\r")
+        await until(b"FG-UP\r\n")   # the foreground job runs (the typed line shows FG''-UP)
         proc.stdin.write(b"\x03")
         await until(b"ASYNC> ", timeout=10)
         proc.stdin.write(b"exit 7\r")

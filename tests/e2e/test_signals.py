@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 
 import pexpect
 import pytest
@@ -23,7 +22,7 @@ from tests.cluster import config as tb
 from tests.integration.conftest import ensure_as, sbroker_json
 from tests.waiting import wait_for
 
-from .conftest import ALICE, PROMPT, PROMPT_RE, SOCKET
+from .conftest import ALICE, PROMPT, PROMPT_RE, SOCKET, agent_status
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -48,8 +47,8 @@ def test_sigint_to_the_owners_client_is_ignored_and_ctrl_c_interrupts_the_foregr
     try:
         child.send(f"PS1='{PROMPT}'; PROMPT_COMMAND=\r".encode())
         child.expect(PROMPT_RE)
-        child.send(b"sleep 300\r")
-        time.sleep(1.0)  # sleep is the foreground job
+        child.send(b"sh -c 'echo FG''-UP; exec sleep 300'\r")
+        child.expect(rb"FG-UP\r\n")  # the foreground job runs (the typed line shows FG''-UP)
         subprocess.run(["kill", "-INT", str(client_pid(child))], check=True)
         child.send(b"\x03")  # the key, through srun and the agent, into the shell's pty
         child.expect(PROMPT_RE, timeout=10)  # long before sleep's 300 s
@@ -75,7 +74,7 @@ def test_sigint_to_an_observer_ends_observing_cleanly(broker):
         writer.send(b"echo writer-ready-$((1+1))\r")
         writer.expect(rb"writer-ready-2")
         observer = spawn_attach(tb.ADMIN, "--observe", f"{ALICE}/default")
-        time.sleep(1.5)  # the observer attaches
+        wait_for(lambda: agent_status(f"{ALICE}/default")["observers"] == 1, 30, "the observer to attach")
         writer.send(b"echo seen-by-observer-$((3+4))\r")
         observer.expect(rb"seen-by-observer-7")
         subprocess.run(["kill", "-INT", str(client_pid(observer))], check=True)
@@ -98,8 +97,8 @@ def test_sigint_to_an_admin_writer_interrupts_the_foreground_job_only(broker):
         admin.expect(rb"administrator \S+ is typing into this session")
         admin.send(f"PS1='{PROMPT}'; PROMPT_COMMAND=\r".encode())
         admin.expect(PROMPT_RE)
-        admin.send(b"sleep 300\r")
-        time.sleep(1.0)  # sleep is the foreground job
+        admin.send(b"sh -c 'echo FG''-UP; exec sleep 300'\r")
+        admin.expect(rb"FG-UP\r\n")  # the foreground job runs (the typed line shows FG''-UP)
         subprocess.run(["kill", "-INT", str(client_pid(admin))], check=True)
         admin.expect(PROMPT_RE, timeout=10)  # long before sleep's 300 s
         admin.send(b"echo sleep-rc=$?\r")
