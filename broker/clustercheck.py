@@ -66,10 +66,12 @@ def problems(config: object) -> list[str]:
     """Ask SLURM (``sinfo``) and check every profile of ``config``; a failure is one line."""
     import anyio
 
+    from . import log as _log
     from .slurm import commands
     from .slurm.errors import SlurmError
     from .slurm.runner import Runner
 
+    _log.configure("warning")  # the runner's debug lines are the daemon's, not check-config's output
     runner = Runner(path=config.path, slurm_conf=config.slurm_conf,  # type: ignore[attr-defined]
                     timeout=config.command_timeout)  # type: ignore[attr-defined]
     try:

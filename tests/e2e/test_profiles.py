@@ -208,3 +208,31 @@ def test_extend_of_someone_elses_session_is_refused_and_changes_nothing(broker):
 
 def live_session_id(user: str, project: str) -> str:
     return sbroker_json(user, "show", project)["id"]
+
+
+def test_check_config_names_a_gres_or_partition_the_bed_lacks(cluster, tmp_path):
+    """check-config asks sinfo (the bed's nodes offer gpu:2 in partitions compute, node1, node2)."""
+    conf = tmp_path / "broker.toml"
+    conf.write_text(f"""
+[slurm]
+slurm_conf = "{tb.SLURM_CONF}"
+[container]
+image = "{tb.IMAGES / 'base.sif'}"
+[profiles.cpu]
+default = true
+[profiles.gpu]
+gres = "gpu:2"
+[profiles.four]
+partition = "node1"
+gres = "gpu:4"
+[profiles.nowhere]
+partition = "gpu"
+""")
+    r = subprocess.run([str(tb.SBROKER_BIN), "check-config", "--config", str(conf)], capture_output=True, text=True,
+                       timeout=60, cwd="/")
+    assert r.returncode == 1
+    config_lines = [line for line in r.stderr.splitlines() if line.startswith("sbroker: config:")]
+    assert config_lines == [
+        "sbroker: config: profiles.four.gres: partition node1 has no node with gpu:4 (its nodes offer: gpu:2)",
+        "sbroker: config: profiles.nowhere.partition: SLURM has no partition gpu (it has: compute, node1, node2)"]
+    assert "profile gpu: compute, 4 cpus, 16G, 8:00:00, gres gpu:2\n" in r.stdout
