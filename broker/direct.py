@@ -156,6 +156,20 @@ def _pump(src: int, dst: int, on_end=None) -> None:
             on_end()
 
 
+def _when_reader_gone(fd: int, then) -> None:
+    """Call ``then()`` once nobody can read ``fd`` any more (POLLERR/POLLHUP on a pipe or
+    socket; a regular file or /dev/null never reports it)."""
+    poller = select.poll()
+    poller.register(fd, 0)  # no events asked: only the error and hang-up conditions come back
+    while True:
+        for _, events in poller.poll():
+            if events & select.POLLNVAL:
+                return
+            if events & (select.POLLERR | select.POLLHUP):
+                then()
+                return
+
+
 def _widen_pipes(*fds: int) -> None:
     """Ask for 1 MiB pipe buffers on sshd's pipes (the unprivileged maximum by default): fewer
     wake-ups of sshd and of the splice per MiB. Not a pipe, or refused: left as it is."""
@@ -188,6 +202,9 @@ def run(host: str, port: int, key_path: str, argv: list[str]) -> int:
 
     for sig in (signal.SIGHUP, signal.SIGTERM):
         signal.signal(sig, hang_up)
+    # Without a terminal sshd sends no signal when the client's connection drops: it exits, and
+    # the reading end of our stdout goes with it. That is the hang-up to pass on.
+    threading.Thread(target=_when_reader_gone, args=(1, lambda: hang_up(signal.SIGHUP, None)), daemon=True).start()
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
     def stdin_done() -> None:

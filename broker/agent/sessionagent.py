@@ -751,7 +751,7 @@ NONCE = 32
 HANDSHAKE_TIMEOUT = 10.0
 PAIR_TIMEOUT = 10.0
 MAX_REQUEST = 256 * 1024
-#: Connections still proving the key at once; beyond it new ones are closed at once.
+#: Connections still proving the key at once (each holds an fd); beyond it the oldest is closed.
 MAX_HANDSHAKING = 64
 #: stderr waiting for a slow client beyond this stops being read (the command then blocks).
 STDERR_HIGH_WATER = 1024 * 1024
@@ -805,7 +805,8 @@ class Streams:
         self.commands: dict[int, Command] = {}
         self.waiting: dict[str, tuple[socket.socket, list[str], asyncio.Future]] = {}
         self.listener: socket.socket | None = None
-        self.handshaking = 0
+        #: Connections that have not proved the key yet, oldest first.
+        self.pending: dict[socket.socket, asyncio.Future] = {}
 
     def start(self) -> asyncio.Future:
         key = secrets.token_bytes(32)
@@ -841,10 +842,13 @@ class Streams:
                 log("stream_accept_failed", error=exc.strerror or str(exc))
                 await asyncio.sleep(0.5)
                 continue
-            if self.handshaking >= MAX_HANDSHAKING:
-                sock.close()  # a flood of unauthenticated connections must not exhaust the agent's fds
-                continue
-            asyncio.ensure_future(self._serve(sock))
+            if len(self.pending) >= MAX_HANDSHAKING:
+                # The oldest goes, not the newest: any user who can reach the port can hold
+                # connections open without a word, and refusing new ones would lock the owner
+                # out for as long as they keep that up. A real client proves the key within
+                # milliseconds, so it is never the oldest of a flood for long.
+                self.pending.pop(next(iter(self.pending))).cancel()
+            self.pending[sock] = asyncio.ensure_future(self._serve(sock))
 
     async def _recv_exactly(self, sock: socket.socket, n: int) -> bytes:
         data = b""
@@ -881,7 +885,6 @@ class Streams:
 
     async def _serve(self, sock: socket.socket) -> None:
         keep = False
-        self.handshaking += 1
         try:
             sock.setblocking(False)
             # No Nagle: the handshake and request/reply protocols (sftp, rsync) over the socket
@@ -891,7 +894,7 @@ class Streams:
                 await asyncio.wait_for(self._handshake(sock), HANDSHAKE_TIMEOUT)
                 request = await asyncio.wait_for(self._recv_line(sock), HANDSHAKE_TIMEOUT)
             finally:
-                self.handshaking -= 1
+                self.pending.pop(sock, None)
             op = request.get("op")
             if op == "exec":
                 keep = await self._exec(sock, request)

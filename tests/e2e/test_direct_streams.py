@@ -433,9 +433,7 @@ def assert_hung_up_and_gone(live: Live, sleeper: Sleeper) -> None:
 def test_a_hangup_signal_to_the_login_hangs_the_command_up(direct):
     """A SIGHUP to the login (an administrator's ``kill -HUP``, or SIGTERM at shutdown): the
     login closes its control stream, the agent hangs the command up, and the user's ssh ends
-    with 255 and nothing on stdout. (A lost ssh client is not such an event: sshd signals
-    nothing to a command without a terminal, and the login, like ``srun`` on the other path,
-    notices only when the command reads its stdin or writes.)"""
+    with 255 and nothing on stdout."""
     with sleeping(direct) as sleeper:
         login = wait_for(sleeper.login, 10, "the command's sbroker login process")
         os.kill(login, signal.SIGHUP)
@@ -451,6 +449,18 @@ def test_a_login_that_dies_hangs_its_command_up(direct):
         login = wait_for(sleeper.login, 10, "the command's sbroker login process")
         os.kill(login, signal.SIGKILL)
         assert_hung_up_and_gone(direct, sleeper)
+
+
+def test_a_lost_ssh_client_hangs_the_command_up(direct):
+    """The user's ssh client dies (laptop closed, network gone; here ``kill -9``). sshd sends a
+    command without a terminal no signal: it exits, and the reading end of the login's stdout
+    closes. The login takes that as the hang-up, so the command does not run on forever."""
+    with sleeping(direct) as sleeper:
+        wait_for(sleeper.login, 10, "the command's sbroker login process")
+        sleeper.ssh.kill()
+        sleeper.ssh.wait(30)
+        assert_hung_up_and_gone(direct, sleeper)
+        wait_for(lambda: sleeper.login() == 0, 15, "the command's sbroker login to exit")
 
 
 # ----------------------------------------------------------------------------- 1b. direct = false

@@ -368,6 +368,31 @@ def test_garbage_oversized_and_slow_first_bytes_are_dropped_without_disturbing_a
     assert sent_bytes >= 8 * MIB
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_idle_connections_held_by_bob_do_not_lock_alice_out_of_new_commands(agent):
+    """Bob holds 100 connections that never send a byte (each one lives until the handshake
+    timeout, and he can renew them forever). Alice's running transfer goes on, and a command
+    she starts meanwhile runs: holding connections open must not deny her the agent."""
+    transfer = alice_ssh("cat > /dev/null; echo transfer-done")
+    transfer.stdin.write(os.urandom(MIB))
+    transfer.stdin.flush()
+    wait_for(lambda: agent.status().get("commands") == 1, 30, "alice's transfer running in her agent")
+    since = agent.offset()
+    flood = Flood(agent, 0, 100)
+    try:
+        quick = alice_ssh("echo alive")
+        out, err = quick.communicate(timeout=60)
+        transfer.stdin.write(os.urandom(MIB))  # her transfer still takes data
+        transfer.stdin.flush()
+    finally:
+        flood.stop()
+        transfer.stdin.close()
+    assert (quick.returncode, out, err) == (0, b"alive\n", b""), agent.tail(since)
+    rest, err = transfer.stdout.read(), transfer.stderr.read()
+    assert (transfer.wait(60), rest, err) == (0, b"transfer-done\n", b"")
+
+
 # ----------------------------------------------------------------------------- 7d. the pairing
 
 @pytest.mark.cluster
