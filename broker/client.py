@@ -109,8 +109,10 @@ class Client:
         return p.decode_json(payload)
 
     def request(self, op: str, on_progress: Callable[[dict[str, object]], None] | None = None,
+                on_question: Callable[[dict[str, object]], str] | None = None,
                 **fields: object) -> dict[str, object]:
-        """Send one request; hand progress events to ``on_progress``; return the result."""
+        """Send one request; hand progress events to ``on_progress`` and questions (asked only
+        of a request that says ``ask``) to ``on_question``; return the result."""
         self.send({"v": p.VERSION, "op": op, **fields})
         while True:
             message = self.recv()
@@ -118,6 +120,9 @@ class Client:
             if kind == "progress":
                 if on_progress:
                     on_progress(message)
+                continue
+            if kind == "question":
+                self.send({"type": "answer", "choice": on_question(message) if on_question else "go"})
                 continue
             if kind == "error":
                 raise BrokerError(str(message.get("message", "error")), str(message.get("code", "error")),

@@ -171,13 +171,15 @@ def main(argv: list[str] | None = None) -> int:
         fields.update(command=command, tty=has_tty, term=term)
     else:
         fields["attach"] = {"mode": "write", "tty": has_tty, "term": term}
+        if has_tty:
+            fields["ask"] = True  # at a busy partition's forecast: go on, another profile, or cancel
     try:
         client = Client(path, require_root=True)
     except BrokerError as exc:
         sys.stderr.write(f"sbroker: {exc.message}\n")
         return 1
     try:
-        result = client.request("ensure", on_progress=progress, **fields)
+        result = client.request("ensure", on_progress=progress, on_question=_ask_busy(progress), **fields)
     except KeyboardInterrupt:  # ^C while waiting: the broker cancels what this login submitted
         progress.done()
         from .loginprompt import cancel_wait
@@ -227,6 +229,16 @@ def builtin(words: list[str], project: str | None) -> int | str:
     sys.stderr.write("sbroker: over ssh, `sbroker` takes ssh-proxy (the ProxyCommand of an SSH entry into "
                      "your session) or ssh-config (prints that entry)\n")
     return 2
+
+
+def _ask_busy(progress: Progress) -> object:
+    """The answer to the broker's question at a busy partition (asked on a terminal only)."""
+    def answer(question: dict[str, object]) -> str:
+        progress.done()
+        from .loginprompt import ask_busy
+
+        return ask_busy(question)
+    return answer
 
 
 def run_exec(spec: dict[str, object]) -> int:

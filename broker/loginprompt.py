@@ -1,9 +1,14 @@
-"""What a waiting login asks or says: another profile than the live session's, and ^C.
+"""What a waiting login asks or says: another profile than the live session's, a busy
+partition's forecast, and ^C.
 
 A session is keyed by (user, project); its profile is an attribute. A login that names
 another profile than the one running gets, on a terminal, three choices: keep the live
 session (nothing is lost), end it and start the profile asked for, or cancel. Commands and
 file transfers cannot ask and are refused in one line instead (the broker's answer).
+
+A busy partition (:func:`ask_busy`): the broker shows SLURM's forecast and asks the login
+that is making the session whether to go on and wait, take another allowed profile, or
+cancel (nothing is submitted yet).
 
 ^C while the session is being created: :func:`cancel_wait` tells the broker, which cancels
 the job if this login submitted it and no other login waits for it, and answers in one line.
@@ -70,7 +75,8 @@ def retry_after_mismatch(path: str, message: str, fields: dict[str, object], pro
         return 1
     try:
         with Client(path, require_root=True) as client:
-            result = client.request("ensure", on_progress=progress, **{**fields, "mismatch": choice})
+            result = client.request("ensure", on_progress=progress, on_question=ask_busy,
+                                    **{**fields, "mismatch": choice})
     except BrokerError as exc:
         getattr(progress, "done", lambda: None)()
         write(f"sbroker: {exc.message}\n")
@@ -98,3 +104,38 @@ def cancel_wait(client: object) -> str:
                 return "cancelled (the session was ready; it stays)"
     except (BrokerError, OSError):
         return "cancelled (the broker did not confirm; see sbroker ls)"
+
+
+def busy_choice(question: dict[str, object], read_line: Callable[[], str],
+                write: Callable[[str], None]) -> str:
+    """``go``, an allowed profile's name or ``cancel``: the answer at a busy forecast. Enter
+    (or end of input, or three wrong answers) goes on."""
+    choices = [c for c in question.get("choices", []) if isinstance(c, str)][:9]  # type: ignore[union-attr]
+    write(f"sbroker: {question.get('text', 'the partition is busy')}\r\n")
+    write(f"  [g] go on and wait with profile {question.get('profile', '?')} (default)\r\n")
+    for number, name in enumerate(choices, 1):
+        write(f"  [{number}] start with profile {name} instead\r\n")
+    write("  [c] cancel\r\n")
+    for _ in range(3):
+        write(f"choice [g{'/1-' + str(len(choices)) if choices else ''}/c]: ")
+        line = read_line()
+        if line == "":
+            return "go"
+        answer = line.strip().lower()
+        if answer in ("", "g"):
+            return "go"
+        if answer == "c":
+            return "cancel"
+        if answer.isdigit() and 1 <= int(answer) <= len(choices):
+            return choices[int(answer) - 1]
+        write("sbroker: please answer g, c or a number from the list\r\n")
+    return "go"
+
+
+def ask_busy(question: dict[str, object]) -> str:
+    """:func:`busy_choice` on this login's terminal."""
+    def write(text: str) -> None:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+    return busy_choice(question, _read_line, write)

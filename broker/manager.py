@@ -23,7 +23,7 @@ import random
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,8 @@ SCAN_MAX_AGE = 1.0
 #: An ``ending`` session whose job SLURM still reports active gets ``scancel`` again after
 #: this long (the first one failed, or the broker died between ``ending`` and ``scancel``).
 CANCEL_RETRY = 5.0
+#: How long the broker waits for a login's answer at a busy forecast before going on.
+QUESTION_TIMEOUT = 120.0
 _END_STATES = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
                "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "COMPLETING", "SPECIAL_EXIT", "REVOKED"}
 
@@ -93,6 +95,10 @@ class Manager:
         #: ensure calls wait on each: ^C cancels a pending submission only for its maker, alone.
         self._made_by: dict[str, object] = {}
         self._waiting: dict[str, int] = defaultdict(int)
+        #: The maker's question channel (interactive logins): asked once, at a busy forecast.
+        self._askers: dict[str, Callable[[dict[str, Any]], Awaitable[str | None]]] = {}
+        #: Sessions whose maker chose another profile at the forecast (its token): no mismatch for it.
+        self._switched: dict[str, object] = {}
         self._last_ahead = 0.0
         self._listeners: dict[str, set[Callable[[dict[str, Any]], None]]] = defaultdict(set)
         self._absent_since: dict[str, float] = {}
@@ -145,7 +151,9 @@ class Manager:
                       reason=session.reason)
         if new in TERMINAL or new == State.READY:
             self._made_by.pop(session.id, None)
+            self._askers.pop(session.id, None)
         if new in TERMINAL:
+            self._switched.pop(session.id, None)
             # Forget it in memory (months of sessions must not pile up here); the store keeps it.
             self._cancel_sent.pop(session.job_id, None)
             self._absent_since.pop(session.job_id, None)
@@ -189,7 +197,8 @@ class Manager:
 
     async def ensure(self, user: User, project: str,
                      listener: Callable[[dict[str, Any]], None] | None = None, *,
-                     profile: str | None = None, mismatch: str = "refuse", token: object = None) -> Session:
+                     profile: str | None = None, mismatch: str = "refuse", token: object = None,
+                     ask: Callable[[dict[str, Any]], Awaitable[str | None]] | None = None) -> Session:
         """Return the ready session for ``(user, project)``, creating it exactly once.
 
         ``profile`` is the name the login asked for (None: whatever runs, else the default).
@@ -219,7 +228,7 @@ class Manager:
                 raise SessionError("limit", refusal)
         if session is not None and session.state == State.READY:
             session.last_activity = time.time()
-            return self._checked(session, profile, chosen.name, mismatch)
+            return self._checked(session, profile, chosen.name, mismatch, token)
         if session is not None and session.state == State.UNKNOWN or not self.controller_ok:
             raise SessionError("controller_unavailable",
                                "SLURM controller unavailable; your session is kept, try again shortly")
@@ -229,6 +238,8 @@ class Manager:
                 session = Session(user=user.name, uid=user.uid, project=project, profile=chosen.name)
                 if token is not None:
                     self._made_by[session.id] = token
+                if ask is not None:
+                    self._askers[session.id] = ask
                 self._track(session)
                 self.store.save(session)
                 self.log.info("session_state", session=session.id, user=user.name, project=project,
@@ -241,7 +252,7 @@ class Manager:
                 listener({"type": "progress", "state": session.state.value, "session": session.id,
                           "reason": session.reason, "pending_reason": session.pending_reason,
                           "expected_start": session.expected_start, "profile": session.profile})
-            return self._checked(await asyncio.shield(task), profile, chosen.name, mismatch)
+            return self._checked(await asyncio.shield(task), profile, chosen.name, mismatch, token)
         finally:
             self._waiting[session.id] -= 1
             if self._waiting[session.id] <= 0:
@@ -266,10 +277,13 @@ class Manager:
         self.log.info("pending_cancelled", session=session.id, user=user.name, project=project, job_id=job)
         return f"cancelled; job {job} was cancelled" if job else "cancelled before submission"
 
-    def _checked(self, session: Session, requested: str | None, chosen: str, mismatch: str) -> Session:
+    def _checked(self, session: Session, requested: str | None, chosen: str, mismatch: str,
+                 token: object = None) -> Session:
         """Never a silent mismatch: a session that turned out to run another profile than the
-        one asked for (another login node made it first) is refused unless the login keeps it."""
-        if requested and session.profile != chosen and mismatch != "keep":
+        one asked for (another login node made it first) is refused unless the login keeps it
+        or chose that profile itself at the busy partition's forecast."""
+        chose = token is not None and self._switched.get(session.id) is token
+        if requested and session.profile != chosen and mismatch != "keep" and not chose:
             raise SessionError("profile_mismatch", mismatch_text(session, chosen))
         return session
 
@@ -331,7 +345,14 @@ class Manager:
             # refused there reads as "missing" and costs only the mkdir.
             if self.config.create_project_dir and not os.path.isdir(spec.host_project_dir):
                 await self.runner.run(["mkdir", "-p", "--", spec.host_project_dir], user=user)
-            await self._forecast(session, user, spec, profile.partition)
+            switch = await self._forecast(session, user, spec, profile.partition)
+            if switch:  # the login chose another profile at the forecast: build that one instead
+                session.profile = switch
+                self._switched[session.id] = self._made_by.get(session.id)
+                self.store.save(session)
+                self.log.info("profile_switched", session=session.id, user=user.name, project=session.project,
+                              profile=switch, reason="busy partition")
+                return await self._submit(session, user)
             result = await self.runner.run(spec.sbatch_argv, user=user, input=spec.script.encode())
             job_id = parse_sbatch(result.stdout)
         except ControllerUnavailable as exc:
@@ -351,20 +372,22 @@ class Manager:
                           digest=session.image_digest, profile=session.profile)
         self._wake.set()
 
-    async def _forecast(self, session: Session, user: User, spec: jobspec.JobSpec, partition: str) -> None:
+    async def _forecast(self, session: Session, user: User, spec: jobspec.JobSpec, partition: str) -> str | None:
         """When jobs already wait in the partition (the scan just taken says so; no extra
         query otherwise), ask SLURM when this one would start (``sbatch --test-only``, as the
-        user, nothing submitted) and tell the waiting logins before they wait."""
+        user, nothing submitted) and tell the waiting logins before they wait. The login that
+        made the session, if it is interactive, is asked once: go on, another allowed profile
+        (returned), or cancel (:class:`SessionError`)."""
         if self._scan is None or time.monotonic() - self._scan[0] > 5.0:
-            return
+            return None
         busy = queue.waiting(self._scan[1], partition)
         if not busy:
-            return
+            return None
         argv = [spec.sbatch_argv[0], "--test-only", *spec.sbatch_argv[1:]]
         try:
             result = await self.runner.run(argv, user=user, input=spec.script.encode(), check=False)
         except SlurmError:
-            return
+            return None
         start = queue.forecast_start(result.stderr)
         text = f"partition {partition} is busy ({busy} job(s) waiting)"
         if start:
@@ -374,6 +397,21 @@ class Manager:
                       expected_start=start)
         self._notify(session, {"type": "progress", "state": session.state.value, "reason": text,
                                "expected_start": start, "queue_waiting": busy})
+        ask = self._askers.pop(session.id, None)
+        if ask is None:
+            return None
+        others = [p.name for p in profiles.allowed(self.config.profiles, lambda group: in_group(user, group))
+                  if p.name != session.profile]
+        try:
+            answer = await asyncio.wait_for(ask({"type": "question", "kind": "busy", "text": text,
+                                                 "profile": session.profile, "choices": others}), QUESTION_TIMEOUT)
+        except (asyncio.TimeoutError, ConnectionError, OSError):
+            answer = None  # nobody answered: go on, as a login that was not asked
+        self.log.info("forecast_answer", session=session.id, user=user.name, answer=answer or "go")
+        if answer == "cancel":
+            self._fail(session, "cancelled at the queue forecast; nothing was submitted")
+            raise SessionError("cancelled", "cancelled; nothing was submitted")
+        return answer if answer in others else None
 
     async def _queue_positions(self) -> None:
         """For sessions that wait: roughly how many jobs are ahead (one shared ``squeue --json``

@@ -242,9 +242,21 @@ class Server:
         started = time.monotonic()
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         token = object()  # this login: a ^C cancels only a submission it made (Manager.cancel_pending)
+        ask = message.get("ask", False)
+        if not isinstance(ask, bool):
+            raise p.ProtocolError("ask", "must be true or false")
+        answers: asyncio.Queue[str | None] = asyncio.Queue()
+
+        async def question(q: dict[str, Any]) -> str | None:
+            """A question to this (interactive) login; its answer, or None when it left."""
+            await conn.send(q)
+            return await answers.get()
+
         task = asyncio.ensure_future(self.manager.ensure(conn.user, project, queue.put_nowait, profile=profile,
-                                                         mismatch=mismatch, token=token))
-        # While it waits, the login may say {"type": "cancel"} (^C); its leaving says nothing.
+                                                         mismatch=mismatch, token=token,
+                                                         ask=question if ask else None))
+        # While it waits, the login may say {"type": "cancel"} (^C) or answer a question; its
+        # leaving says nothing (the session goes on).
         incoming = asyncio.ensure_future(conn.read_json())
         try:
             while not task.done():
@@ -255,7 +267,13 @@ class Server:
                 else:
                     getter.cancel()
                 if incoming in done and not task.done():
+                    choice = self._answer(incoming)
+                    if choice is not None:
+                        answers.put_nowait(choice)
+                        incoming = asyncio.ensure_future(conn.read_json())
+                        continue
                     if self._is_cancel(incoming):
+                        answers.put_nowait("cancel")  # a question waiting for this login is answered too
                         task.cancel()
                         try:
                             await task
@@ -265,7 +283,8 @@ class Server:
                         await conn.send({"type": "error", "code": "cancelled", "field": "session",
                                          "message": what})
                         return
-                    incoming = asyncio.ensure_future(asyncio.Event().wait())  # gone or noise: wait on
+                    answers.put_nowait(None)  # gone or noise: a question goes on unanswered
+                    incoming = asyncio.ensure_future(asyncio.Event().wait())
             while not queue.empty():
                 await conn.send(queue.get_nowait())
             session = task.result()
@@ -295,6 +314,15 @@ class Server:
                 raise SessionError("unsupported", "attach: this broker has no terminal support loaded")
             reply["exec"] = await self.attach_exec(conn, session, attach)
         await conn.send(reply)
+
+    @staticmethod
+    def _answer(incoming: asyncio.Future[dict[str, Any]]) -> str | None:
+        """The choice of an ``{"type": "answer", "choice": ...}`` frame (a short string), else None."""
+        if incoming.cancelled() or incoming.exception() is not None:
+            return None
+        message = incoming.result()
+        choice = message.get("choice") if isinstance(message, dict) and message.get("type") == "answer" else None
+        return choice if isinstance(choice, str) and len(choice) <= 64 else None
 
     @staticmethod
     def _is_cancel(incoming: asyncio.Future[dict[str, Any]]) -> bool:

@@ -223,3 +223,18 @@ def test_check_names_a_missing_partition_and_a_missing_gres():
         "profiles.h100.gres: partition big has no node with gpu:h100:1 (its nodes offer: gpu:a100:4, mps:100)",
         "profiles.nowhere.partition: SLURM has no partition gpu (it has: big, compute, node1)",
     ]
+
+
+@pytest.mark.parametrize("answers, choice", [(["\n"], "go"), (["g\n"], "go"), (["2\n"], "big"), (["c\n"], "cancel"),
+                                             (["9\n", "1\n"], "cpu"), ([""], "go"), (["x\n", "y\n", "z\n"], "go")])
+def test_the_busy_partition_question(answers, choice):
+    from broker.loginprompt import busy_choice
+
+    said: list[str] = []
+    feed = iter(answers)
+    question = {"text": "partition gpu is busy (3 job(s) waiting)", "profile": "gpu", "choices": ["cpu", "big"]}
+    assert busy_choice(question, lambda: next(feed), said.append) == choice
+    assert said[:5] == ["sbroker: partition gpu is busy (3 job(s) waiting)\r\n",
+                        "  [g] go on and wait with profile gpu (default)\r\n",
+                        "  [1] start with profile cpu instead\r\n", "  [2] start with profile big instead\r\n",
+                        "  [c] cancel\r\n"]

@@ -15,7 +15,7 @@ import pexpect
 import pytest
 
 from tests.cluster import config as tb
-from tests.integration.conftest import jobs_of, sbroker
+from tests.integration.conftest import jobs_of, sbroker, sbroker_json
 from tests.integration.daemon import BrokerProcess, reset_state
 from tests.waiting import wait_for
 
@@ -73,6 +73,8 @@ def test_a_waiting_session_shows_forecast_reason_position_and_c_cancels_it(busy_
     try:
         child.expect(rb"partition node1 is busy \(1 job\(s\) waiting\); SLURM expects this session to start at"
                      rb" \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d")
+        child.expect(rb"\[1\] start with profile cpu instead\r+\n  \[c\] cancel\r+\nchoice \[g/1-1/c\]: ")
+        child.send(b"g\r")
         child.expect(rb"pending \(reason: (Resources|Priority)(, expected start \d{4}-[0-9T:-]+)?,"
                      rb" about 1 job\(s\) ahead; \^C cancels\)", timeout=30)
         (job,) = alice_jobs()
@@ -90,6 +92,8 @@ def test_c_keeps_a_waiting_session_another_login_waits_for(busy_node1):
     maker = waiting_login("shared")
     other = None
     try:
+        maker.expect(rb"choice \[g/1-1/c\]: ")
+        maker.send(b"\r")  # Enter: go on and wait
         maker.expect(rb"about 1 job\(s\) ahead", timeout=30)
         (job,) = alice_jobs()
         other = waiting_login("shared")
@@ -107,3 +111,32 @@ def test_c_keeps_a_waiting_session_another_login_waits_for(busy_node1):
     assert alice_jobs() == [job] and state_of(job) == "PENDING"
     sbroker(ALICE, "kill", "shared")
     wait_for(lambda: not alice_jobs(), 20, "the shared session's job to end after sbroker kill")
+
+
+def test_at_the_forecast_the_login_can_take_another_profile_or_cancel(busy_node1):
+    child = waiting_login("switched")
+    try:
+        child.expect(rb"choice \[g/1-1/c\]: ")
+        child.send(b"1\r")
+        child.expect([rb"\$ ", rb"# "], timeout=60)
+        child.send(b"echo gpus=${CUDA_VISIBLE_DEVICES-none}\r")
+        child.expect(rb"gpus=none\r\n")
+        child.send(b"exit 0\r")
+        child.expect(pexpect.EOF, timeout=20)
+    finally:
+        child.close(force=True)
+    session = sbroker_json(ALICE, "show", "switched")
+    assert (session["profile"], session["state"]) == ("cpu", "ready")
+    partition = subprocess.run(["squeue", "--noheader", f"--jobs={session['job_id']}", "--format=%P"],
+                               capture_output=True, text=True, env=tb.slurm_env(), timeout=30).stdout.strip()
+    assert partition == "compute"
+    before = set(alice_jobs())
+    child = waiting_login("never")
+    try:
+        child.expect(rb"choice \[g/1-1/c\]: ")
+        child.send(b"c\r")
+        child.expect(b"sbroker: cancelled; nothing was submitted")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert set(alice_jobs()) == before
