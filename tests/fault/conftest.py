@@ -56,7 +56,9 @@ _BODIES = {
     "squeue": 'case " $* " in *" --json "*) ;; *) wait_gate ;; esac\nexec {real} "$@"',
     "scancel": 'wait_gate\nexec {real} "$@"',
     # after the real submission: the job exists, its id reaches the broker only after the gate
-    "sbatch": 'out=$({real} "$@"); rc=$?\nwait_gate\nprintf "%s\\n" "$out"\nexit $rc',
+    # (a --test-only forecast submits nothing: never held)
+    "sbatch": 'case " $* " in *" --test-only "*) exec {real} "$@" ;; esac\n'
+              'out=$({real} "$@"); rc=$?\nwait_gate\nprintf "%s\\n" "$out"\nexit $rc',
     # only `instance start` is held (inside the job: the parent is the start script)
     "apptainer": 'if [ "$1 $2" = "instance start" ]; then wait_gate; fi\nexec {real} "$@"',
 }

@@ -199,8 +199,11 @@ def one_round(proc, pool, rnd: int, report: dict[str, int], terminals: list[pexp
     terminal.expect(pexpect.EOF)
     terminal.wait()
     assert terminal.exitstatus == 7
-    assert b"sbroker:" not in transcript.getvalue(), transcript.getvalue()
-    assert b"srun:" not in transcript.getvalue(), transcript.getvalue()
+    # The transcript is everything the terminal printed from its first command to its end
+    # (not an empty read): nothing in it came from sbroker or srun.
+    seen = transcript.getvalue()
+    assert b"shell-pid=" in seen and b"after-%d-42" % rnd in seen and b"exit 7" in seen, seen
+    assert b"sbroker:" not in seen and b"srun:" not in seen, seen
     wait_for(lambda: not interactive_steps(attached_job), 20,
              what=lambda: f"no interactive step left in job {attached_job} ({interactive_steps(attached_job)})")
     # a second login finds the same session (no new allocation)
