@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import fcntl
 import os
 import re
@@ -207,3 +209,12 @@ class PtyProc:
 def prompt_re(user: str) -> re.Pattern[bytes]:
     """The user's real bash prompt in the container (``user@host:dir$ ``, as ~/.bashrc sets it)."""
     return re.compile(re.escape(user.encode()) + rb"@[^\r\n\x07]*?\$ ")
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file, read in 4 MiB pieces (integrity checks after transfers, untimed)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(4 << 20):
+            h.update(chunk)
+    return h.hexdigest()

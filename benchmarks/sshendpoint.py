@@ -17,7 +17,6 @@ sides alternate pair by pair, the first pair is a discarded warm-up.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shlex
@@ -31,7 +30,7 @@ from pathlib import Path
 from tests.cluster import config as tb
 
 from . import bed
-from .common import Row, log
+from .common import Row, log, sha256_file
 
 ALICE = tb.USERS[0]
 PROJECT = "bench"
@@ -126,14 +125,6 @@ def _run(argv: list[str]) -> float:
     return t
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(4 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def ssh_endpoint(broker: bed.Broker, n_true: int, n_scp: int, size_mb: int) -> list[Row]:
     session = broker.ensure(ALICE, PROJECT)
     job = session["job_id"]
@@ -153,7 +144,7 @@ def ssh_endpoint(broker: bed.Broker, n_true: int, n_scp: int, size_mb: int) -> l
     with open(payload, "wb") as fh:
         for _ in range(size_mb):
             fh.write(os.urandom(1 << 20))
-    digest = _sha256(payload)
+    digest = sha256_file(payload)
     runtime = bed.container_runtime()
     plain = bed.PlainSshd()
     handmade = HandMadeSshd(job, session["instance"], addr, home)
@@ -181,7 +172,7 @@ def ssh_endpoint(broker: bed.Broker, n_true: int, n_scp: int, size_mb: int) -> l
                     back = LOCAL / f"back-{side}.bin"
                     t_up = _run([*scp, str(payload), f"{side}:{remote}"])
                     t_down = _run([*scp, f"{side}:{remote}", str(back)])
-                    if _sha256(back) != digest:
+                    if sha256_file(back) != digest:
                         raise RuntimeError(f"{side}: scp round trip of {size_mb} MiB differs")
                     back.unlink()
                     if rnd:

@@ -28,7 +28,7 @@ from pathlib import Path
 from tests.cluster import config as tb
 
 from . import bed
-from .common import Row, log, summary
+from .common import Row, log, sha256_file, summary
 
 ALICE = tb.USERS[0]
 PROJECT = "bench"
@@ -134,14 +134,6 @@ def _make_file(path: Path, size: int) -> str:
     return h.hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(4 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _make_tree(root: Path, files: int) -> dict[str, bytes]:
     """``files`` files of 1-8 KiB of random bytes, 100 to a directory (two levels)."""
     rng = random.Random(19)
@@ -161,7 +153,7 @@ def _check_file(path: Path, size: int, digest: str, what: str) -> None:
         got_size = path.stat().st_size
     except FileNotFoundError:
         raise RuntimeError(f"{what}: {path} missing") from None
-    if got_size != size or _sha256(path) != digest:
+    if got_size != size or sha256_file(path) != digest:
         raise RuntimeError(f"{what}: {path} differs (size {got_size}, want {size})")
 
 
