@@ -892,6 +892,8 @@ class Manager:
             found = by_instance.pop(session.instance, None) if session.instance else None
             if found and found[0].uid != session.uid:
                 found = None
+            if found and not session.profile:  # stored by a broker from before profiles
+                session.profile = self.tag_profile(found[1])
             if session.state == State.REQUESTED:
                 if found:
                     session.job_id = found[0].job_id

@@ -100,3 +100,18 @@ def test_metrics_count_live_sessions_by_profile(manager):
     family = next(f for f in LiveCollector(manager).collect() if f.name == "sbroker_live_sessions_by_profile")
     assert {s.labels["profile"]: s.value for s in family.samples} == {
         "cpu": 0, "gpu": 2, "staff": 0, "unknown": 1}
+
+
+def test_a_session_stored_before_profiles_gets_its_jobs_profile_at_start(manager):
+    from broker.slurm.parse import JobInfo
+
+    s = Session(user=USER.name, uid=USER.uid, project="p", instance="sb-x-p-abc123", job_id="7")
+    s.move(State.SUBMITTED)
+    s.move(State.STARTING)
+    s.move(State.READY)
+    manager._track(s)
+    manager.owner_of = lambda info: USER  # this test may run as root, who owns no sessions
+    comment = f"sbroker/v1 user={USER.name} project=p instance=sb-x-p-abc123 digest=00"  # no profile= tag
+    manager._reconcile({"7": JobInfo("7", "RUNNING", "None", "n1", "", "1:00:00", USER.name, "", comment,
+                                     USER.uid)})
+    assert s.profile == "cpu"

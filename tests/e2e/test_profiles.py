@@ -8,6 +8,7 @@ The broker runs with three profiles: ``cpu`` (default), ``gpu`` (``--gres=gpu:1`
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -105,6 +106,14 @@ def test_another_profile_of_a_live_command_session_is_refused_in_one_line(broker
         " `sbroker kill gpujob` (or connect without a profile to use it)\n")
     r = ssh(ALICE, "@gpujob", "echo ran", env={"SBROKER_PROFILE": "cpu"}, opts=("-o", "SendEnv=SBROKER_PROFILE"))
     assert r.returncode == 1 and "runs profile gpu, not cpu" in r.stderr.decode()
+    # scp is refused the same way (-O: the legacy protocol's remote command shows the line; in
+    # SFTP mode scp prints only "Connection closed")
+    local = f"/tmp/test-profiles-{job}.txt"
+    r = subprocess.run(["scp", "-O", *tb.SSH_OPTS, "-o", "SendEnv=SBROKER_PROJECT SBROKER_PROFILE",
+                        f"{ALICE}@{tb.SSH_HOST}:/etc/hostname", local], capture_output=True, timeout=60,
+                       env={**os.environ, "SBROKER_PROJECT": "gpujob", "SBROKER_PROFILE": "cpu"})
+    assert r.returncode != 0 and not os.path.exists(local)
+    assert b"sbroker: session: project gpujob runs profile gpu, not cpu;" in r.stderr, r.stderr
     # naming none, or the live one, joins it
     for remote in ("@gpujob", "@gpujob:gpu"):
         r = ssh(ALICE, remote, "echo ran")
