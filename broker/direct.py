@@ -104,42 +104,41 @@ def read_key(path: str) -> bytes:
         raise StreamError(f"cannot read the session key {path}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
-def _wait(fd: int, events: int) -> None:
+def _wait(fd: int, events: int, timeout: int | None = None) -> bool:
     poller = select.poll()
     poller.register(fd, events)
-    poller.poll()
+    return bool(poller.poll(timeout))
 
 
 def _pump(src: int, dst: int, on_end=None) -> None:
     """Move bytes until EOF, by ``splice(2)`` where one side is a pipe, else ``read``/``write``.
 
     sshd gives the command pipes, so the bytes go from its pipe to the socket and back
-    without a copy through this process. The socket is non-blocking (a blocking ``splice``
-    from it can wait for more than is there, stalling request/reply protocols such as sftp):
-    each step waits in ``poll`` for the side it needs, so a sftp request moves as soon as it
-    is written.
+    without a copy through this process. Both are used non-blocking (a blocking ``splice``
+    from a socket can wait for more than is there, stalling request/reply protocols such as
+    sftp): a step is tried first, and only when it would block does the pump wait in ``poll``,
+    for the source when it is empty, else for the full destination.
     """
     use_splice = hasattr(os, "splice")
     try:
         while True:
-            _wait(src, select.POLLIN)
-            if use_splice:
-                try:
-                    moved = os.splice(src, dst, CHUNK, flags=os.SPLICE_F_NONBLOCK | os.SPLICE_F_MOVE)
-                except BlockingIOError:  # src is readable, so dst is full
-                    _wait(dst, select.POLLOUT)
-                    continue
-                except OSError as exc:
-                    if exc.errno != errno.EINVAL:  # EINVAL: neither side is a pipe
-                        raise
-                    use_splice = False
-                    continue
-                if moved == 0:
-                    break
-                continue
             try:
+                if use_splice:
+                    moved = os.splice(src, dst, CHUNK, flags=os.SPLICE_F_NONBLOCK | os.SPLICE_F_MOVE)
+                    if moved == 0:
+                        break
+                    continue
                 data = os.read(src, CHUNK)
             except BlockingIOError:
+                if _wait(src, select.POLLIN, 0):
+                    _wait(dst, select.POLLOUT)  # the source has data: the destination is full
+                else:
+                    _wait(src, select.POLLIN)
+                continue
+            except OSError as exc:
+                if not use_splice or exc.errno != errno.EINVAL:  # EINVAL: neither side is a pipe
+                    raise
+                use_splice = False
                 continue
             if not data:
                 break

@@ -13,14 +13,17 @@ import hashlib
 import os
 import re
 import shlex
+import socket
 import subprocess
+import threading
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.cluster import config as tb
-from tests.integration.conftest import jobs_of, sbroker_json
+from tests.cluster import harness
+from tests.integration.conftest import jobs_of, sbroker, sbroker_json
 from tests.waiting import wait_for
 
 from .conftest import ALICE, ssh
@@ -153,6 +156,102 @@ def test_a_listener_with_another_host_key_is_refused_by_the_client(client, tmp_p
     assert r.returncode == 255
     assert b"reached" not in r.stdout
     assert b"Host key verification failed." in r.stderr
+
+
+#: A one-shot server on a unix socket in the container's own /tmp (the instance's, private:
+#: the login node has no such path), started in the background; prints when it listens.
+UNIX_SERVER = r"""
+rm -f /tmp/sbroker-e2e.sock
+setsid nohup python3 -c '
+import socket
+s = socket.socket(socket.AF_UNIX)
+s.bind("/tmp/sbroker-e2e.sock")
+s.listen(1)
+c, _ = s.accept()
+c.sendall(b"inside-the-container\n")
+c.close()
+' > /dev/null 2>&1 < /dev/null &
+for i in $(seq 1 100); do [ -S /tmp/sbroker-e2e.sock ] && break; sleep 0.1; done
+test -S /tmp/sbroker-e2e.sock && echo listening
+"""
+
+
+def test_stream_local_forwarding_ends_inside_the_container(client, tmp_path):
+    started = endpoint(client, ALIAS, UNIX_SERVER)
+    assert started.stdout == b"listening\n", started.stderr
+    assert not Path("/tmp/sbroker-e2e.sock").exists()  # the container's /tmp, not this machine's
+    local = tmp_path / "forwarded.sock"
+    forward = subprocess.Popen(["ssh", "-F", str(client), "-N", "-o", "ExitOnForwardFailure=yes",
+                                "-L", f"{local}:/tmp/sbroker-e2e.sock", ALIAS],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(local.exists, 60, "the stream-local forward to listen")
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(30)
+            s.connect(str(local))
+            assert s.makefile("rb").read() == b"inside-the-container\n"
+    finally:
+        forward.terminate()
+        forward.wait(timeout=30)
+
+
+def test_remote_and_dynamic_forwarding_work_through_the_endpoint(client):
+    # -R: a connection made inside the session reaches a listener on this machine.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+
+        def answer() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.sendall(b"from-the-client\n")
+
+        threading.Thread(target=answer, daemon=True).start()
+        remote = _free_port()
+        r = endpoint(client, "-o", "ExitOnForwardFailure=yes", "-R",
+                     f"127.0.0.1:{remote}:127.0.0.1:{listener.getsockname()[1]}", ALIAS,
+                     f"python3 -c 'import socket; print(socket.create_connection((\"127.0.0.1\", {remote})).makefile().read(), end=\"\")'")
+    assert (r.returncode, r.stdout) == (0, b"from-the-client\n"), r.stderr
+    # -D: SOCKS through the endpoint to the editor's server of the test above.
+    port = endpoint(client, ALIAS, 'cat "$HOME/.sbroker-e2e-editor/port"').stdout.decode().strip()
+    assert port.isdigit()
+    socks = _free_port()
+    proxy = subprocess.Popen(["ssh", "-F", str(client), "-N", "-o", "ExitOnForwardFailure=yes", "-D",
+                              f"127.0.0.1:{socks}", ALIAS], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
+    try:
+        def fetched() -> bytes | None:
+            out = subprocess.run(["curl", "-sf", "--max-time", "5", "--socks5-hostname", f"127.0.0.1:{socks}",
+                                  f"http://127.0.0.1:{port}/index.txt"], capture_output=True, timeout=30)
+            return out.stdout if out.returncode == 0 else None
+
+        assert wait_for(fetched, 60, "curl through the -D proxy") == b"served-by-the-session\n"
+    finally:
+        proxy.terminate()
+        proxy.wait(timeout=30)
+
+
+def test_a_new_session_keeps_the_host_key_and_the_old_ones_servers_are_gone(client):
+    """Last in this module: it ends the session. What the client started in the background
+    ended with it; the next connection starts a new session, and the pinned host key still
+    matches (the key is the user's, not the session's)."""
+    session = [s for s in sbroker_json(ALICE, "ls", "--json") if s["project"] == "default"][0]
+    node = sbroker_json(ALICE, "show", session["id"])["node"]
+    assert any("sbroker-e2e-editor" in p for p in _node_processes(node)), "the editor's server is not running"
+    sbroker(ALICE, "kill", session["id"])
+    wait_for(lambda: not [j for j in jobs_of(ALICE) if j["job_id"] == session["job_id"]], 60,
+             "the session's job to leave squeue")
+    wait_for(lambda: not any("sbroker-e2e-editor" in p for p in _node_processes(node)), 30,
+             "the editor's server to end with the session")
+    r = endpoint(client, ALIAS, 'echo "$SLURM_JOB_ID"', timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().strip() not in ("", session["job_id"])
+
+
+def _node_processes(node: str) -> list[str]:
+    out = subprocess.run(harness.on_node(node, "ps", "-ww", "-u", ALICE, "-o", "pid=,args="), capture_output=True,
+                         text=True, timeout=30)
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
 
 
 def _free_port() -> int:
