@@ -27,12 +27,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 # n per benchmark: full run (fits in 15 minutes on 2 cores) and --quick.
 SIZES = {
-    "full": dict(readiness=200, verify=5, verify_mb=1024, import_n=20, sched_ns=[1, 10, 50, 200], sched_s=20.0,
-                 warm=30, pty=3, pty_mb=200, keys=200, cold=25, hostile_blocks=3, hostile_per=10, rss=1000,
+    "full": dict(readiness=200, verify=5, verify_mb=1024, import_n=20, sched_ns=[1, 10, 50, 200], sched_s=10.0,
+                 warm=30, pty=3, pty_mb=200, keys=200, cold=25, hostile_blocks=3, hostile_per=10, rss=200,
                  rss_restarts=5, rss_terms=100, rss_rounds=3, transfer=5, transfer_mb=200,
                  transfer_files=2000, sshe_true=15, sshe_scp=5, sshe_mb=200),
-    "quick": dict(readiness=30, verify=2, verify_mb=128, import_n=5, sched_ns=[1, 10], sched_s=5.0,
-                  warm=3, pty=1, pty_mb=20, keys=30, cold=2, hostile_blocks=1, hostile_per=3, rss=1000,
+    "quick": dict(readiness=30, verify=2, verify_mb=128, import_n=5, sched_ns=[1, 10], sched_s=4.0,
+                  warm=3, pty=1, pty_mb=20, keys=30, cold=2, hostile_blocks=1, hostile_per=3, rss=200,
                   rss_restarts=1, rss_terms=100, rss_rounds=1, transfer=1, transfer_mb=50,
                   transfer_files=500, sshe_true=3, sshe_scp=1, sshe_mb=50),
 }
