@@ -58,6 +58,12 @@ def _full(args: list[str]) -> int:
     extend.add_argument("session", nargs="?", default=None,
                         help="session id or your project (default: the default project)")
     extend.add_argument("--json", action="store_true")
+    sshcfg = sub.add_parser("ssh-config", help="print the ~/.ssh/config entry for an SSH server inside your session "
+                                               "(also: ssh LOGIN sbroker ssh-config)")
+    sshcfg.add_argument("--project", default=None, help="the session's project (default: the broker's default)")
+    sshcfg.add_argument("--host", default=None, help="the alias to connect to (default: LOGIN-PROJECT)")
+    sshcfg.add_argument("--login", default=None, help="the login node's name as clients reach it (default: this "
+                                                      "host's FQDN)")
     reap = sub.add_parser("reap", help="admins: remove orphan jobs, stale instance state and old job files now")
     reap.add_argument("--dry-run", action="store_true", help="report what would be removed, remove nothing")
     reap.add_argument("--json", action="store_true")
@@ -71,6 +77,8 @@ def _full(args: list[str]) -> int:
         from .login import main as login_main
 
         return login_main([])
+    if ns.command == "ssh-config":
+        return _ssh_config(ns)
     if ns.command in ("serve", "check-config"):
         return _serve(ns)
     if ns.command in ("ls", "show", "kill", "logs", "events", "attach", "reap", "extend"):
@@ -143,3 +151,19 @@ def _serve(ns: object) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _ssh_config(ns) -> int:
+    """``sbroker ssh-config`` as the caller, on a login node (the same as over ssh)."""
+    import os
+    import pwd
+
+    from . import sshendpoint
+
+    me = pwd.getpwuid(os.getuid())
+    args = [*(["--host", ns.host] if ns.host else []), *(["--login", ns.login] if ns.login else [])]
+    try:
+        return sshendpoint.ssh_config(me.pw_dir, me.pw_name, ns.project, args, sys.stdout)
+    except sshendpoint.EndpointError as exc:
+        sys.stderr.write(f"sbroker: {exc}\n")
+        return 1

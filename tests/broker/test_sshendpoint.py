@@ -106,3 +106,17 @@ def test_authorized_keys_setting_is_one_plain_path(value):
 def test_authorized_keys_setting_takes_sshd_tokens():
     config = parse({"container": {"image": "/images/base.sif"}, "transfer": {"authorized_keys": "/etc/ssh/keys/%u"}})
     assert config.ssh_authorized_keys == "/etc/ssh/keys/%u"
+
+
+def test_the_full_cli_prints_the_same_entry_for_the_caller(tmp_path, monkeypatch, capsys):
+    import pwd
+    from types import SimpleNamespace
+
+    from broker.cli import main
+
+    monkeypatch.setattr(pwd, "getpwuid", lambda uid: SimpleNamespace(pw_dir=str(tmp_path), pw_name="sbalice"))
+    assert main(["ssh-config", "--project", "proj", "--login", "login.example.org", "--host", "hpc"]) == 0
+    out = capsys.readouterr().out
+    assert "Host hpc\n" in out
+    assert "    ProxyCommand ssh -T -l sbalice login.example.org @proj sbroker ssh-proxy\n" in out
+    assert (tmp_path / ".sbroker/ssh/ssh_host_ed25519_key").exists()
