@@ -398,8 +398,8 @@ class Manager:
         self._notify(session, {"type": "progress", "state": session.state.value, "reason": text,
                                "expected_start": start, "queue_waiting": busy})
         ask = self._askers.pop(session.id, None)
-        if ask is None:
-            return None
+        if ask is None or (start and queue.soon(start, time.time())):
+            return None  # nobody to ask, or it starts within a minute anyway
         others = [p.name for p in profiles.allowed(self.config.profiles, lambda group: in_group(user, group))
                   if p.name != session.profile]
         try:

@@ -21,9 +21,28 @@ def _partitions(info: JobInfo) -> set[str]:
     return {p for p in info.partition.split(",") if p}
 
 
+#: Pending reasons that are about the job itself, not a full partition: such a job does not
+#: make the partition busy for anyone else.
+SELF_REASONS = frozenset({"Dependency", "DependencyNeverSatisfied", "JobHeldUser", "JobHeldAdmin", "BeginTime",
+                          "AssocGrpJobsLimit", "AssocMaxJobsLimit", "QOSMaxJobsPerUserLimit"})
+
+
 def waiting(jobs: dict[str, JobInfo], partition: str) -> int:
-    """Jobs PENDING in ``partition`` (a pending job may name several partitions)."""
-    return sum(1 for j in jobs.values() if j.state == "PENDING" and partition in _partitions(j))
+    """Jobs PENDING in ``partition`` for the partition's sake (a pending job may name several
+    partitions; one held, waiting on a dependency or on its own limits does not count)."""
+    return sum(1 for j in jobs.values()
+               if j.state == "PENDING" and partition in _partitions(j) and j.reason not in SELF_REASONS)
+
+
+def soon(start: str, now: float, within: float = 60.0) -> bool:
+    """Whether a forecast ``start`` (``2026-12-03T07:10:00``, local time) is within ``within``
+    seconds of ``now``: then there is nothing to choose."""
+    import time
+
+    try:
+        return time.mktime(time.strptime(start, "%Y-%m-%dT%H:%M:%S")) - now <= within
+    except ValueError:
+        return False
 
 
 def ahead(jobs: dict[str, JobInfo], job_id: str) -> int | None:
@@ -36,6 +55,7 @@ def ahead(jobs: dict[str, JobInfo], job_id: str) -> int | None:
     parts = _partitions(mine)
     return sum(1 for j in jobs.values()
                if j.job_id != job_id and j.state == "PENDING" and parts & _partitions(j)
+               and j.reason not in SELF_REASONS
                and (j.priority > mine.priority or (j.priority == mine.priority and int(j.job_id) < int(job_id))))
 
 

@@ -67,3 +67,33 @@ def test_squeue_json_gives_partition_limit_and_priority():
     jobs = parse_squeue_json(text)
     assert (jobs["5"].partition, jobs["5"].time_limit, jobs["5"].priority) == ("gpu", 120, 77)
     assert (jobs["6"].partition, jobs["6"].time_limit) == ("", -1)
+
+
+def test_a_busy_partition_counts_jobs_waiting_for_it_not_for_themselves():
+    from broker import queue
+
+    def pending(job_id: str, reason: str, partition: str = "compute", priority: int = 10) -> JobInfo:
+        return JobInfo(job_id, "PENDING", reason, "", "", "", "bob", "", "", 1002, partition, 60, priority)
+
+    jobs = {"1": pending("1", "Resources"), "2": pending("2", "Priority", "compute,gpu"),
+            "3": pending("3", "Dependency", priority=99), "4": pending("4", "JobHeldUser", priority=99),
+            "5": pending("5", "Resources", "gpu", priority=50), "6": job(60, "compute", "RUNNING", "6"),
+            "7": pending("7", "Resources", "other", priority=99)}
+    assert queue.waiting(jobs, "compute") == 2
+    # 1 (same priority, earlier) and 5 (higher, in gpu); the held 3 and 4 and the other partition's 7 are not
+    assert queue.ahead(jobs, "2") == 2
+    assert queue.ahead(jobs, "6") is None
+
+
+def test_forecast_start_and_soon():
+    import time
+
+    from broker import queue
+
+    line = "sbatch: Job 3320 to start at 2026-12-03T07:10:00 using 1 processors on nodes node1 in partition node1\n"
+    assert queue.forecast_start(line) == "2026-12-03T07:10:00"
+    assert queue.forecast_start("sbatch: error: Batch job submission failed\n") == ""
+    now = time.time()
+    assert queue.soon(time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now + 30)), now)
+    assert not queue.soon(time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now + 600)), now)
+    assert not queue.soon("", now)
