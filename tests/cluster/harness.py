@@ -501,7 +501,11 @@ def ensure_gpu_devices() -> None:
                 ok = False
             if not ok:
                 path.unlink(missing_ok=True)
-                os.mknod(path, 0o666 | stat.S_IFCHR, want)
+                try:
+                    os.mknod(path, 0o666 | stat.S_IFCHR, want)
+                except OSError as e:
+                    raise HarnessError(f"cannot make the fake GPU device {path} (mknod c 195 {minor}: {e});"
+                                       " the bed's gres.conf needs it (a container without CAP_MKNOD?)")
             minor += 1
 
 
