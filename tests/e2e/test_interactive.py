@@ -14,7 +14,7 @@ import pexpect
 import pytest
 
 from tests.cluster import config as tb
-from tests.integration.conftest import jobs_of
+from tests.integration.conftest import jobs_of, sbroker_json
 from tests.waiting import wait_for
 
 from .conftest import ALICE, PROMPT, PROMPT_RE, agent_status, broker_rss_kb, sbroker_env, ssh_argv
@@ -194,19 +194,43 @@ def test_nonexistent_session_is_a_clear_error(broker):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
-def test_stopped_client_does_not_grow_broker_memory(login, broker):
+def agent_pid(session: str) -> int:
+    """Host pid of the session's agent (``python3 .../agent.py serve ... --status {instance}.agent.json``),
+    among the processes of the session's node."""
+    from tests.cluster import harness
+
+    shown = sbroker_json(tb.ADMIN, "show", session)
+    status = f"{shown['instance']}.agent.json"
+
+    def cmdline(pid: int) -> list[str]:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                return fh.read().decode(errors="replace").split("\0")
+        except OSError:
+            return []
+    found = [p for p in harness.node(shown["node"]).pids()
+             if "serve" in cmdline(p) and any(a.endswith(status) for a in cmdline(p))]
+    assert len(found) == 1, f"agent of {session} on {shown['node']}: {found}"
+    return found[0]
+
+
+def test_stopped_client_grows_neither_the_agent_nor_the_broker(login, broker):
+    """A flood into a terminal whose client stopped reading: the session agent, which holds the
+    pty, stops reading it (backpressure) instead of buffering; the broker carries none of it."""
     s = login()
+    agent = agent_pid(f"{ALICE}/default")
     s.sendline("yes E2E-FLOOD-LINE-OF-SOME-LENGTH-abcdefghijklmnopqrstuvwxyz")
     s.child.expect(rb"E2E-FLOOD")
     os.kill(s.child.pid, signal.SIGSTOP)  # the client stops reading
     try:
-        time.sleep(2.0)
-        base = broker_rss_kb(broker.proc.pid)
-        peak = base
-        for _ in range(16):
+        base = {"agent": broker_rss_kb(agent), "broker": broker_rss_kb(broker.proc.pid)}
+        peak = dict(base)
+        for _ in range(16):   # 8 s of flood at the pty: unbounded buffering would show in MBs
             time.sleep(0.5)
-            peak = max(peak, broker_rss_kb(broker.proc.pid))
-        assert peak - base < 20 * 1024, f"broker RSS grew from {base} kB to {peak} kB"
+            peak = {"agent": max(peak["agent"], broker_rss_kb(agent)),
+                    "broker": max(peak["broker"], broker_rss_kb(broker.proc.pid))}
+        for who in ("agent", "broker"):
+            assert peak[who] - base[who] < 20 * 1024, f"{who} RSS grew from {base[who]} kB to {peak[who]} kB"
     finally:
         os.kill(s.child.pid, signal.SIGCONT)
     s.child.sendcontrol("c")
