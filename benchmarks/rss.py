@@ -71,14 +71,14 @@ def _live_from_log(offset: int) -> int:
     return -1
 
 
-def submit_tagged_held(n: int) -> dict[str, tuple[str, str, str]]:
+def submit_tagged_held(n: int, jobs: dict[str, tuple[str, str, str]]) -> None:
     """``n`` held jobs, alternately as each bed user, each tagged exactly as the broker tags a
     session job (:func:`broker.jobspec.build` with the bench broker's config; ``--hold`` added).
-    Returns ``{job_id: (user, project, instance)}``."""
+    Fills ``jobs`` with ``{job_id: (user, project, instance)}`` as they are submitted (also when
+    a submission fails half-way: the caller cancels what is there)."""
     cfg = bed.bench_config()
     image = images.resolve(cfg.image)
     digest = images.digest(image)
-    jobs: dict[str, tuple[str, str, str]] = {}
     for u, user in enumerate(tb.USERS):
         who = lookup_name(user)
         out_dir = Path(who.home) / ADOPT_SUBDIR
@@ -96,12 +96,12 @@ def submit_tagged_held(n: int) -> dict[str, tuple[str, str, str]]:
         runner = out_dir / "submit.sh"
         runner.write_text("\n".join(lines) + "\n")
         os.chown(runner, who.uid, who.gid)
-        ids = bed.as_user(user, "bash", str(runner), timeout=600).stdout.split()
-        if len(ids) != len(specs):
-            raise RuntimeError(f"adopt: {user} submitted {len(ids)} of {len(specs)} held jobs")
+        done = bed.as_user(user, "bash", str(runner), timeout=600, check=False)
+        ids = done.stdout.split()
         for job_id, (project, instance) in zip(ids, specs):
             jobs[job_id.split(";")[0]] = (user, project, instance)
-    return jobs
+        if done.returncode != 0 or len(ids) != len(specs):
+            raise RuntimeError(f"adopt: {user} submitted {len(ids)} of {len(specs)} held jobs: {done.stderr[-500:]}")
 
 
 def cancel_jobs(job_ids: list[str], timeout: float = 60.0) -> None:
@@ -180,7 +180,7 @@ def rss(n_jobs: int, restarts: int) -> list[Row]:
     jobs: dict[str, tuple[str, str, str]] = {}
     try:
         t0 = time.monotonic()
-        jobs = submit_tagged_held(n_jobs)
+        submit_tagged_held(n_jobs, jobs)
         log(f"adopt: {len(jobs)} tagged held jobs submitted as {', '.join(tb.USERS)} in "
             f"{time.monotonic() - t0:.1f}s")
         for i in range(restarts + 1):
