@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     project, profile = split_profile(project, os.environ.get("SBROKER_PROFILE"))
     endpoint = None
     if command is not None and command.split()[:1] == ["sbroker"]:
-        reserved = builtin(command.split()[1:], project)
+        reserved = builtin(command.split()[1:], project, path)
         if isinstance(reserved, int):
             return reserved
         endpoint, command = reserved, None
@@ -206,12 +206,14 @@ def main(argv: list[str] | None = None) -> int:
     return run_exec(result["exec"])
 
 
-def builtin(words: list[str], project: str | None) -> int | str:
-    """``ssh host sbroker ssh-proxy|ssh-config``: handled here, never run in the session.
+def builtin(words: list[str], project: str | None, socket_path: str = DEFAULT_SOCKET) -> int | str:
+    """``ssh host sbroker ssh-proxy|ssh-config|extend``: handled here, never run in the session.
 
     Returns ``"ssh"`` when the login goes on to the session's SSH endpoint, else the exit
     status of what was done here.
     """
+    if words == ["extend"]:
+        return extend(socket_path, project)
     import pwd
 
     from . import sshendpoint
@@ -227,8 +229,24 @@ def builtin(words: list[str], project: str | None) -> int | str:
         sys.stderr.write(f"sbroker: {exc}\n")
         return 1
     sys.stderr.write("sbroker: over ssh, `sbroker` takes ssh-proxy (the ProxyCommand of an SSH entry into "
-                     "your session) or ssh-config (prints that entry)\n")
+                     "your session), ssh-config (prints that entry) or extend (raises the session's time "
+                     "limit)\n")
     return 2
+
+
+def extend(socket_path: str, project: str | None) -> int:
+    """``ssh login-node [@project] sbroker extend``: ``sbroker extend`` through the SSH login
+    path, so it also works from inside the session (which has ``ssh``, not ``sbroker``): the
+    broker knows the caller from the socket, as for any login."""
+    try:
+        with Client(socket_path, require_root=True) as client:
+            reply = client.request("extend", session=project)
+    except BrokerError as exc:
+        sys.stderr.write(f"sbroker: {exc.message}\n")
+        return 1
+    sys.stdout.write(f"{reply['project']} (job {reply['job_id']}): time limit {reply['old']} -> {reply['new']}"
+                     f" (at most {reply['max']} here)\n")
+    return 0
 
 
 def _ask_busy(progress: Progress) -> object:

@@ -245,3 +245,29 @@ partition = "gpu"
         "sbroker: config: profiles.four.gres: partition node1 has no node with gpu:4 (its nodes offer: gpu:2)",
         "sbroker: config: profiles.nowhere.partition: SLURM has no partition gpu (it has: compute, node1, node2)"]
     assert "profile gpu: compute, 4 cpus, 16G, 8:00:00, gres gpu:2\n" in r.stdout
+
+
+def test_extend_from_inside_the_session_through_ssh_to_the_login_node(broker, tmp_path):
+    """Inside the container there is ssh, not sbroker: `ssh login-node @project sbroker extend`
+    is answered by the login path itself (never run in the session), as the SSH user."""
+    job = live_job(ALICE, "gpujob")
+    keydir = f"/home/{ALICE}/.ssh/test-extend"
+    authorized = f"/home/{ALICE}/.ssh/authorized_keys"
+    before = open(authorized).read()
+    subprocess.run(tb.as_user(ALICE, "sh", "-c", f'mkdir -p {keydir} && ssh-keygen -q -t ed25519 -N "" -f {keydir}/id'
+                              f" && cat {keydir}/id.pub >> {authorized}"), check=True, timeout=30)
+    try:
+        inner = (f"ssh -i {keydir}/id -p {tb.SSH_PORT} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"
+                 f" -o BatchMode=yes -o LogLevel=ERROR {ALICE}@{tb.SSH_HOST} @gpujob sbroker extend;"
+                 ' echo "in=${APPTAINER_CONTAINER:+container}"')
+        r = ssh(ALICE, "@gpujob", inner)
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.decode().splitlines()
+        assert lines[-1] == "in=container"
+        assert re.fullmatch(rf"gpujob \(job {job}\): time limit (\d+:\d\d:\d\d) -> (\d+:\d\d:\d\d)"
+                            r" \(at most 3:00:00 here\)", lines[0]), lines
+        assert time_limit(job) == "0" + lines[0].split(" -> ")[1].split()[0]
+    finally:
+        with open(authorized, "w") as fh:
+            fh.write(before)
+        subprocess.run(["rm", "-rf", "--", keydir], check=True)
