@@ -45,6 +45,12 @@ from .store import Store
 MARKER_READY = "INSTANCE_READY"
 MARKER_FAILED = "INSTANCE_FAILED"
 READ_INTERVAL = 0.02
+#: A job still queued after QUEUED_FAST seconds has its log read every QUEUED_INTERVAL only: no
+#: marker can be there before it runs, and 20 ms per pending session is most of a core with
+#: a couple of hundred queued (the poller moves it to STARTING, and back to READ_INTERVAL, once
+#: it runs).
+QUEUED_FAST = 10.0
+QUEUED_INTERVAL = 0.5
 #: At most this much of a job log is read per poll: the log is the user's file, and a user
 #: who floods it must cost only their own session's readiness, never the daemon's time.
 READ_CHUNK = 64 * 1024
@@ -620,7 +626,8 @@ class Manager:
                   and now - (session.running_at or now) > LOG_APPEAR_GRACE):
                 probed = True
                 self._spawn(self._probe_node_local(session, user))
-            await asyncio.sleep(READ_INTERVAL)
+            queued = session.state in (State.SUBMITTED, State.PENDING) and now - session.submitted_at > QUEUED_FAST
+            await asyncio.sleep(QUEUED_INTERVAL if queued else READ_INTERVAL)
 
     async def _probe_node_local(self, session: Session, user: User) -> None:
         """Ask the job's node (``srun --overlap``, as the user) whether the job's output is
