@@ -9,6 +9,7 @@ logged, and never affects other clients.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
@@ -245,7 +246,7 @@ class Server:
         ask = message.get("ask", False)
         if not isinstance(ask, bool):
             raise p.ProtocolError("ask", "must be true or false")
-        answers: asyncio.Queue[str | None] = asyncio.Queue()
+        answers: asyncio.Queue[str | None] = asyncio.Queue(maxsize=1)  # one question at most: junk is dropped
 
         async def question(q: dict[str, Any]) -> str | None:
             """A question to this (interactive) login; its answer, or None when it left."""
@@ -269,11 +270,13 @@ class Server:
                 if incoming in done and not task.done():
                     choice = self._answer(incoming)
                     if choice is not None:
-                        answers.put_nowait(choice)
+                        with contextlib.suppress(asyncio.QueueFull):
+                            answers.put_nowait(choice)
                         incoming = asyncio.ensure_future(conn.read_json())
                         continue
                     if self._is_cancel(incoming):
-                        answers.put_nowait("cancel")  # a question waiting for this login is answered too
+                        with contextlib.suppress(asyncio.QueueFull):  # a waiting question is answered too
+                            answers.put_nowait("cancel")
                         task.cancel()
                         try:
                             await task
@@ -283,7 +286,8 @@ class Server:
                         await conn.send({"type": "error", "code": "cancelled", "field": "session",
                                          "message": what})
                         return
-                    answers.put_nowait(None)  # gone or noise: a question goes on unanswered
+                    with contextlib.suppress(asyncio.QueueFull):  # gone or noise: a question goes on
+                        answers.put_nowait(None)
                     incoming = asyncio.ensure_future(asyncio.Event().wait())
             while not queue.empty():
                 await conn.send(queue.get_nowait())
