@@ -32,7 +32,6 @@ dropped. Frames are those of :mod:`broker.protocol`: ``kind | length (4, BE) | p
 
 from __future__ import annotations
 
-import array
 import fcntl
 import json
 import os
@@ -142,102 +141,12 @@ def peer_uid(sock: socket.socket) -> int:
 
 # --------------------------------------------------------------------------- the agent
 
-class TerminalOut:
-    """The attached client's terminal, written by the agent itself.
-
-    Why: the shell's output would otherwise cross one more process, the attach client under
-    ``srun --pty``, which only copied frames from the socket to its terminal. The client
-    passes its stdout (SCM_RIGHTS) with its first message; the agent opens it again through
-    ``/proc/self/fd`` (its own file description, so O_NONBLOCK here never reaches the client)
-    and writes to it directly, buffering what the terminal does not take yet.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
-        self.loop = loop
-        self.fd = fd
-        self.pending = bytearray()
-        self.broken = False
-        self.drained = asyncio.Event()
-        self.drained.set()
-
-    @classmethod
-    def open(cls, loop: asyncio.AbstractEventLoop, passed: int) -> TerminalOut | None:
-        try:
-            if not os.isatty(passed):
-                return None
-            fd = os.open(f"/proc/self/fd/{passed}", os.O_WRONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            return None
-        finally:
-            os.close(passed)
-        return cls(loop, fd)
-
-    def write(self, data: bytes) -> None:
-        if self.broken:
-            return
-        if not self.pending:
-            try:
-                data = data[os.write(self.fd, data):]
-            except BlockingIOError:
-                pass
-            except OSError:
-                self._break()
-                return
-            if not data:
-                return
-            self.loop.add_writer(self.fd, self._flush)
-            self.drained.clear()
-        self.pending += data
-
-    def _flush(self) -> None:
-        try:
-            del self.pending[:os.write(self.fd, self.pending)]
-        except BlockingIOError:
-            return
-        except OSError:
-            self._break()
-            return
-        if not self.pending:
-            self.loop.remove_writer(self.fd)
-            self.drained.set()
-
-    def _break(self) -> None:
-        """The terminal is gone (its srun step ended): drop what is pending; the socket's
-        closing detaches the client."""
-        if self.pending:
-            self.loop.remove_writer(self.fd)
-        self.broken = True
-        self.pending.clear()
-        self.drained.set()
-
-    def close(self) -> None:
-        self._break()
-        os.close(self.fd)
-
-
 class Conn:
-    """One attached client: framed reads and writes, its output to its terminal if it passed it."""
+    """One attached client: framed reads and writes."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 terminal: TerminalOut | None = None) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
-        self.terminal = terminal
-
-    def output(self, data: bytes, frame: bytes | None = None) -> None:
-        if self.terminal is not None:
-            self.terminal.write(data)
-        else:
-            self.writer.write(frame if frame is not None else encode(KIND_OUTPUT, data))
-
-    async def drain(self, timeout: float = 30.0) -> None:
-        """Until what was written has left (the exit status must not overtake the output)."""
-        await self.writer.drain()
-        if self.terminal is not None:
-            try:
-                await asyncio.wait_for(self.terminal.drained.wait(), timeout)
-            except asyncio.TimeoutError:
-                pass
 
     async def read_frame(self) -> tuple[bytes, bytes]:
         kind, length = parse_header(await self.reader.readexactly(HEADER.size))
@@ -255,8 +164,7 @@ class Conn:
         await self.writer.drain()
 
     def buffered(self) -> int:
-        pending = len(self.terminal.pending) if self.terminal is not None else 0
-        return self.writer.transport.get_write_buffer_size() + pending
+        return self.writer.transport.get_write_buffer_size()
 
 
 class Shell:
@@ -331,9 +239,7 @@ class Agent:
             sock.bind(staging)
         finally:
             os.umask(old)
-        sock.listen(128)
-        sock.setblocking(False)
-        server = asyncio.ensure_future(self._accept_clients(sock))
+        server = await asyncio.start_unix_server(self._on_client, sock=sock, limit=MAX_JSON * 2)
         os.replace(staging, path)  # the socket appears only once it accepts: the batch script waits for it
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             self.loop.add_signal_handler(signum, self.stopping.set)
@@ -352,8 +258,7 @@ class Agent:
             self._write_status()
         await self.stopping.wait()
         log("agent_stopping", shells=len(self.shells))
-        server.cancel()
-        sock.close()
+        server.close()
         for shell in list(self.shells.values()):
             self.hangup(shell, "agent stopping")
         deadline = time.monotonic() + 3
@@ -375,59 +280,15 @@ class Agent:
 
     # ------------------------------------------------------------ clients
 
-    async def _accept_clients(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                conn, _ = await self.loop.sock_accept(listener)
-            except OSError as exc:  # e.g. out of fds: keep serving once some are free
-                log("accept_failed", error=exc.strerror or str(exc))
-                await asyncio.sleep(0.5)
-                continue
-            asyncio.ensure_future(self._take_client(conn))
-
-    async def _take_client(self, sock: socket.socket) -> None:
-        """Peek at the first bytes for a terminal passed with them (a plain read by the stream
-        would drop it), then serve the client."""
-        passed = None
-        try:
-            uid = peer_uid(sock)
-            if uid != os.getuid():  # before waiting for a single byte of theirs
-                log("peer_refused", uid=uid)
-                sock.close()
-                return
-            passed = await asyncio.wait_for(self._peek_fd(sock), FIRST_MESSAGE_TIMEOUT)
-            reader, writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_JSON * 2)
-        except (OSError, asyncio.TimeoutError):
-            sock.close()
-            if passed is not None:
-                os.close(passed)
-            return
-        await self._on_client(reader, writer, passed)
-
-    async def _peek_fd(self, sock: socket.socket) -> int | None:
-        ready = self.loop.create_future()
-        self.loop.add_reader(sock.fileno(), lambda: ready.done() or ready.set_result(None))
-        try:
-            await ready
-        finally:
-            self.loop.remove_reader(sock.fileno())
-        _, ancillary, _, _ = sock.recvmsg(1, socket.CMSG_SPACE(4 * 4), socket.MSG_PEEK | socket.MSG_CMSG_CLOEXEC)
-        fds: list[int] = []
-        for level, kind, data in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds += array.array("i", data[:len(data) - len(data) % 4])
-        for extra in fds[1:]:
-            os.close(extra)
-        return fds[0] if fds else None
-
-    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                         passed: int | None = None) -> None:
+    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Conn(reader, writer)
         try:
+            uid = peer_uid(writer.get_extra_info("socket"))
+            if uid != os.getuid():
+                log("peer_refused", uid=uid)
+                return
             message = await asyncio.wait_for(conn.read_json(), FIRST_MESSAGE_TIMEOUT)
             op = message.get("op")
-            if passed is not None and op == "attach":
-                conn.terminal, passed = TerminalOut.open(self.loop, passed), None
             if op == "status":
                 await conn.send({"type": "result", **self.status()})
             elif op == "attach":
@@ -441,10 +302,6 @@ class Agent:
             pass
         finally:
             writer.close()
-            if passed is not None:
-                os.close(passed)
-            if conn.terminal is not None:
-                conn.terminal.close()
 
     async def _attach(self, conn: Conn, message: dict) -> None:
         mode = message.get("mode", "write")
@@ -491,7 +348,7 @@ class Agent:
         if (reattached or fresh) and shell.scrollback:
             replay = bytes(shell.scrollback)
             for start in range(0, len(replay), MAX_DATA):
-                conn.output(replay[start:start + MAX_DATA])
+                conn.writer.write(encode(KIND_OUTPUT, replay[start:start + MAX_DATA]))
         announce = message.get("announce")
         if isinstance(announce, str) and announce:
             self._announce(shell, announce[:300])  # after the replay, which would repeat it
@@ -672,17 +529,17 @@ class Agent:
                 conn.writer.close()
                 log("observer_dropped", shell=shell.id, reason="not reading")
             else:
-                conn.output(data, frame)
+                conn.writer.write(frame)
         writer = shell.writer
         if writer is not None:
-            writer.output(data, frame)
+            writer.writer.write(frame)
             if writer.buffered() > WRITER_HIGH_WATER:
                 self._stop_reading(shell)
                 asyncio.ensure_future(self._resume_after_drain(shell, writer))
 
     async def _resume_after_drain(self, shell: Shell, conn: Conn) -> None:
         try:
-            await conn.drain()
+            await conn.writer.drain()
         except (ConnectionError, OSError):
             pass
         self._start_reading(shell)
@@ -764,7 +621,6 @@ class Agent:
         for conn in [shell.writer, *shell.observers]:
             if conn is not None:
                 try:
-                    await conn.drain()
                     await conn.send({"type": "exit", "status": status})
                 except (ConnectionError, OSError):
                     pass
@@ -1312,10 +1168,7 @@ def attach_main(mode: str, argv: list[str], announce: str = "") -> int:
                "term": os.environ.get("TERM", "xterm-256color")[:64], "argv": argv}
     if announce:
         request["announce"] = announce
-    if os.isatty(stdout):  # the agent writes the shell's output to this terminal itself (TerminalOut)
-        sock.sendmsg([encode_json(request)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [stdout]))])
-    else:
-        sock.sendall(encode_json(request))
+    sock.sendall(encode_json(request))
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     stop = {"signal": 0}
