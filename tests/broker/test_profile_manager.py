@@ -115,3 +115,11 @@ def test_a_session_stored_before_profiles_gets_its_jobs_profile_at_start(manager
     manager._reconcile({"7": JobInfo("7", "RUNNING", "None", "n1", "", "1:00:00", USER.name, "", comment,
                                      USER.uid)})
     assert s.profile == "cpu"
+
+
+def test_the_profile_is_persisted_with_the_session(tmp_path):
+    store = Store(tmp_path / "p.db")
+    s = Session(user="alice", uid=1001, project="p", profile="gpu")
+    store.save(s)
+    assert store.get(s.id).profile == "gpu"
+    assert [x.profile for x in store.live()] == ["gpu"]

@@ -176,6 +176,15 @@ def test_ls_shows_the_profile(broker):
     assert rows == {"gpujob": "gpu", "plain": "gpu"}, out
 
 
+def test_a_broker_restart_keeps_each_sessions_profile(broker):
+    before = {s["project"]: (s["profile"], s["job_id"]) for s in sbroker_json(ALICE, "ls")}
+    assert before == {"gpujob": ("gpu", before["gpujob"][1]), "plain": ("gpu", before["plain"][1])}
+    broker.restart()
+    assert {s["project"]: (s["profile"], s["job_id"]) for s in sbroker_json(ALICE, "ls")} == before
+    r = ssh(ALICE, "@plain:cpu", "true")  # and the mismatch rule still knows it
+    assert r.returncode == 1 and "runs profile gpu, not cpu" in r.stderr.decode()
+
+
 def time_limit(job_id: str) -> str:
     return re.search(r"TimeLimit=(\S+)", scontrol_job(job_id)).group(1)
 
