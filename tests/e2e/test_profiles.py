@@ -1,5 +1,6 @@
 """Issue 16 on the real bed: profiles chosen through real ssh, a GPU profile's fake GPU, two
-profiles of one project, ``sbroker extend`` and pending ^C.
+profiles of one project, ``sbroker extend`` and ``check-config`` against sinfo (the waiting
+side, forecast and ^C, is tests/e2e/test_queue_feedback.py).
 
 The broker runs with three profiles: ``cpu`` (default), ``gpu`` (``--gres=gpu:1``, ``--nv``) and
 ``big`` (only for sbroker-admins, so sbalice may not use it).
