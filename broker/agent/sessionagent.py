@@ -701,7 +701,7 @@ class Agent:
             except asyncio.TimeoutError:
                 pass
 
-    def _tell_all(self, text: str, event: str) -> int:
+    def _tell_all(self, text: str, event: str, **fields: object) -> int:
         """Show ``text`` in every attached terminal (or to the next writer if none); logged."""
         delivered = 0
         for shell in self.shells.values():
@@ -710,7 +710,7 @@ class Agent:
                 delivered += 1
         if not delivered:
             self.unread_notices = [text]
-        log(event, delivered=delivered)
+        log(event, **fields, delivered=delivered)
         return delivered
 
     async def _job_end(self) -> float | None:
@@ -733,14 +733,7 @@ class Agent:
         when = f"{seconds // 60} minutes" if seconds >= 120 else f"{seconds} seconds"
         text = (f"\r\n\x07*** sbroker: this session's SLURM allocation ends in {when} (walltime). "
                 f"Save your work; the shell and everything running in it will be stopped. ***\r\n")
-        delivered = 0
-        for shell in self.shells.values():
-            if shell.writer is not None or shell.observers:
-                self._deliver(shell, text.encode())
-                delivered += 1
-        if not delivered:
-            self.unread_notices = [text]
-        log("walltime_warning", mark=mark, seconds_left=seconds, delivered=delivered)
+        self._tell_all(text, "walltime_warning", mark=mark, seconds_left=seconds)
 
 
 # --------------------------------------------------------------------------- direct streams
