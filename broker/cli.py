@@ -61,6 +61,7 @@ def _full(args: list[str]) -> int:
     sshcfg = sub.add_parser("ssh-config", help="print the ~/.ssh/config entry for an SSH server inside your session "
                                                "(also: ssh LOGIN sbroker ssh-config)")
     sshcfg.add_argument("--project", default=None, help="the session's project (default: the broker's default)")
+    sshcfg.add_argument("--profile", default=None, help="the profile the endpoint starts the session with")
     sshcfg.add_argument("--host", default=None, help="the alias to connect to (default: LOGIN-PROJECT)")
     sshcfg.add_argument("--login", default=None, help="the login node's name as clients reach it (default: this "
                                                       "host's FQDN)")
@@ -163,7 +164,7 @@ def _ssh_config(ns) -> int:
     me = pwd.getpwuid(os.getuid())
     args = [*(["--host", ns.host] if ns.host else []), *(["--login", ns.login] if ns.login else [])]
     try:
-        return sshendpoint.ssh_config(me.pw_dir, me.pw_name, ns.project, args, sys.stdout)
+        return sshendpoint.ssh_config(me.pw_dir, me.pw_name, ns.project, args, sys.stdout, ns.profile)
     except sshendpoint.EndpointError as exc:
         sys.stderr.write(f"sbroker: {exc}\n")
         return 1

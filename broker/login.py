@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     project, profile = split_profile(project, os.environ.get("SBROKER_PROFILE"))
     endpoint = None
     if command is not None and command.split()[:1] == ["sbroker"]:
-        reserved = builtin(command.split()[1:], project, path)
+        reserved = builtin(command.split()[1:], project, path, profile)
         if isinstance(reserved, int):
             return reserved
         endpoint, command = reserved, None
@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     return run_exec(result["exec"])
 
 
-def builtin(words: list[str], project: str | None, socket_path: str = DEFAULT_SOCKET) -> int | str:
+def builtin(words: list[str], project: str | None, socket_path: str = DEFAULT_SOCKET,
+            profile: str | None = None) -> int | str:
     """``ssh host sbroker ssh-proxy|ssh-config|extend``: handled here, never run in the session.
 
     Returns ``"ssh"`` when the login goes on to the session's SSH endpoint, else the exit
@@ -221,7 +222,7 @@ def builtin(words: list[str], project: str | None, socket_path: str = DEFAULT_SO
     me = pwd.getpwuid(os.getuid())
     try:
         if words[:1] == ["ssh-config"]:
-            return sshendpoint.ssh_config(me.pw_dir, me.pw_name, project, words[1:], sys.stdout)
+            return sshendpoint.ssh_config(me.pw_dir, me.pw_name, project, words[1:], sys.stdout, profile)
         if words == ["ssh-proxy"]:
             sshendpoint.ensure_host_key(me.pw_dir)
             return "ssh"

@@ -81,11 +81,11 @@ def key_alias(user: str, login: str) -> str:
     return f"sbroker.{user}.{login}"
 
 
-def config_text(user: str, project: str, login: str, alias: str, public_key: str) -> str:
-    project_word = f"@{project} " if project else ""
+def config_text(user: str, project: str, login: str, alias: str, public_key: str, profile: str = "") -> str:
+    project_word = f"@{project}{':' + profile if profile else ''} " if project or profile else ""
     known = key_alias(user, login)
     return f"""\
-# sbroker: an SSH server inside your container session{f' (project {project})' if project else ''}.
+# sbroker: an SSH server inside your container session{f' (project {project})' if project else ''}{f' (profile {profile})' if profile else ''}.
 # 1. Add this entry to ~/.ssh/config on your computer:
 Host {alias}
     HostName {login}
@@ -102,8 +102,9 @@ Host {alias}
 """
 
 
-def ssh_config(home: str, user: str, project: str | None, args: list[str], out) -> int:
-    """``sbroker ssh-config``: print the client entry; create the host key if needed."""
+def ssh_config(home: str, user: str, project: str | None, args: list[str], out, profile: str | None = None) -> int:
+    """``sbroker ssh-config``: print the client entry (``@project:profile`` as it was asked for,
+    so the endpoint starts the session the same way); create the host key if needed."""
     alias, login, i = "", socket.getfqdn(), 0
     while i < len(args):
         if args[i] in ("-h", "--help"):
@@ -119,7 +120,9 @@ def ssh_config(home: str, user: str, project: str | None, args: list[str], out) 
         raise EndpointError(f"ssh-config: unknown or bad argument {args[i][:60]!r} (see sbroker ssh-config --help)")
     public_key = ensure_host_key(home)
     alias = alias or f"{login.split('.')[0]}-{project or 'session'}"
-    out.write(config_text(user, project or "", login, alias, public_key))
+    if profile is not None and not _word_ok(profile):
+        raise EndpointError("profile: must be letters, digits, '.', '_' or '-'")
+    out.write(config_text(user, project or "", login, alias, public_key, profile or ""))
     return 0
 
 

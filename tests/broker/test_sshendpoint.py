@@ -120,3 +120,14 @@ def test_the_full_cli_prints_the_same_entry_for_the_caller(tmp_path, monkeypatch
     assert "Host hpc\n" in out
     assert "    ProxyCommand ssh -T -l sbalice login.example.org @proj sbroker ssh-proxy\n" in out
     assert (tmp_path / ".sbroker/ssh/ssh_host_ed25519_key").exists()
+
+
+def test_ssh_config_keeps_the_profile_asked_for(tmp_path):
+    out = io.StringIO()
+    assert sshendpoint.ssh_config(str(tmp_path), "sbalice", "proj", ["--login", "login.example.org"], out, "gpu") == 0
+    assert "    ProxyCommand ssh -T -l sbalice login.example.org @proj:gpu sbroker ssh-proxy\n" in out.getvalue()
+    out = io.StringIO()
+    sshendpoint.ssh_config(str(tmp_path), "sbalice", None, ["--login", "l"], out, "gpu")
+    assert "    ProxyCommand ssh -T -l sbalice l @:gpu sbroker ssh-proxy\n" in out.getvalue()
+    with pytest.raises(sshendpoint.EndpointError, match="profile"):
+        sshendpoint.ssh_config(str(tmp_path), "sbalice", None, [], io.StringIO(), "a b")
