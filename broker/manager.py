@@ -51,6 +51,10 @@ READ_INTERVAL = 0.02
 #: it runs).
 QUEUED_FAST = 10.0
 QUEUED_INTERVAL = 0.5
+#: A login for a key whose session is ending waits this long for its job to leave SLURM (the
+#: poller's cycle plus scancel's grace), checking every ENDING_POLL, before it says so.
+ENDING_WAIT = 60.0
+ENDING_POLL = 0.2
 #: At most this much of a job log is read per poll: the log is the user's file, and a user
 #: who floods it must cost only their own session's readiness, never the daemon's time.
 READ_CHUNK = 64 * 1024
@@ -227,6 +231,8 @@ class Manager:
                 raise SessionError("profile_mismatch", mismatch_text(session, chosen.name))
             await self._replace(session, user, chosen.name, listener)
             session = self.by_key.get(key)
+        if session is not None and session.state == State.ENDING:
+            session = await self._await_ended(session, listener)
         if session is None:  # a new session: per-user limits (broker/limits.py says why)
             refusal = limits.new_session_refusal(self.config, user.name, self.sessions.values())
             if refusal:
@@ -589,6 +595,23 @@ class Manager:
 
     def _fail(self, session: Session, reason: str) -> None:
         self.transition(session, State.FAILED, reason)
+
+    async def _await_ended(self, session: Session,
+                           listener: Callable[[dict[str, Any]], None] | None) -> Session | None:
+        """A login while the key's previous session is still ending (just killed, or its job
+        finishing): wait until SLURM says its job is gone, then the login starts a new one.
+        Bounded by ENDING_WAIT; the session that then holds the key (None: a new one)."""
+        self.log.info("login_waits_for_ending", session=session.id, user=session.user, project=session.project)
+        if listener:
+            listener({"type": "progress", "state": "ending", "session": session.id,
+                      "reason": f"waiting for the previous session to end ({session.reason or 'ending'})"})
+        deadline = time.monotonic() + ENDING_WAIT
+        while session.state == State.ENDING:
+            if time.monotonic() > deadline:
+                raise SessionError("ending", f"your previous session is still ending ({session.reason or 'no reason'})"
+                                             f" after {ENDING_WAIT:g}s; try again in a minute")
+            await asyncio.sleep(ENDING_POLL)
+        return self.by_key.get(session.key)
 
     async def _await_ready(self, session: Session, user: User) -> None:
         """Watch the job log and the job state until ready, failed or a timeout."""

@@ -312,3 +312,29 @@ async def test_an_unknown_tagged_job_of_a_new_key_is_adopted_as_its_session(reco
     assert mgr.store.get(s.id).job_id == "11"
     await _settle(mgr)
     assert runner.calls == []
+
+
+async def test_a_login_while_the_session_is_ending_waits_for_it_to_end_then_starts_afresh(manager):
+    s = tracked(manager, State.READY)
+    manager.transition(s, State.ENDING, "killed by alice")
+    seen = []
+    waiter = asyncio.ensure_future(manager._await_ended(s, seen.append))
+    await asyncio.wait_for(_until(lambda: seen), 5)  # it said why the login waits
+    assert seen[0]["state"] == "ending" and "killed by alice" in seen[0]["reason"]
+    manager.transition(s, State.ENDED, "job gone")
+    assert await asyncio.wait_for(waiter, 5) is None  # nothing holds the key: the login makes a new one
+
+
+async def test_a_session_that_never_ends_is_said_so_after_the_bound(manager, monkeypatch):
+    import broker.manager as m
+
+    monkeypatch.setattr(m, "ENDING_WAIT", 0.3)
+    s = tracked(manager, State.READY)
+    manager.transition(s, State.ENDING, "killed by alice")
+    with pytest.raises(m.SessionError, match=r"still ending \(killed by alice\) after 0.3s"):
+        await asyncio.wait_for(manager._await_ended(s, None), 5)
+
+
+async def _until(predicate) -> None:
+    while not predicate():
+        await asyncio.sleep(0.01)

@@ -281,3 +281,27 @@ def test_extend_from_inside_the_session_through_ssh_to_the_login_node(broker, tm
         with open(authorized, "w") as fh:
             fh.write(before)
         subprocess.run(["rm", "-rf", "--", keydir], check=True)
+
+
+def test_the_ssh_endpoint_starts_the_session_with_the_profile_its_entry_names(broker, tmp_path):
+    """`ssh login @proj:gpu sbroker ssh-config` prints a ProxyCommand that keeps `:gpu`; the
+    first connection through it makes the session with that profile."""
+    printed = ssh(ALICE, "@sshgpu:gpu", "sbroker", "ssh-config", "--login", "cluster.test")
+    assert printed.returncode == 0, printed.stderr
+    text = printed.stdout.decode()
+    assert f"ProxyCommand ssh -T -l {ALICE} cluster.test @sshgpu:gpu sbroker ssh-proxy" in text
+    known = re.search(r"^#    (sbroker\.sbalice\.cluster\.test ssh-ed25519 \S+)$", text, re.M)
+    assert known, text
+    (tmp_path / "known_hosts").write_text(known.group(1) + "\n")
+    identity = [o for o in tb.SSH_OPTS if o.startswith("IdentityFile=")][0].split("=", 1)[1]
+    proxy = " ".join(["ssh", "-T", *tb.SSH_OPTS, f"{ALICE}@{tb.SSH_HOST}", "@sshgpu:gpu", "sbroker", "ssh-proxy"])
+    (tmp_path / "config").write_text(
+        f"Host s\n    User {ALICE}\n    ProxyCommand {proxy}\n    HostKeyAlias sbroker.sbalice.cluster.test\n"
+        f"    UserKnownHostsFile {tmp_path / 'known_hosts'}\n    StrictHostKeyChecking yes\n"
+        f"    IdentityFile {identity}\n    IdentitiesOnly yes\n    BatchMode yes\n    LogLevel ERROR\n")
+    r = subprocess.run(["ssh", "-F", str(tmp_path / "config"), "s", 'echo "$SLURM_JOB_ID"'], capture_output=True,
+                       text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    session = sbroker_json(ALICE, "show", "sshgpu")
+    assert (session["profile"], session["job_id"]) == ("gpu", r.stdout.strip())
+    assert "gres:gpu:1" in scontrol_job(session["job_id"])
