@@ -116,6 +116,8 @@ class Manager:
         #: Sessions whose job waits on another of the same key (Dependency) or ended before
         #: ready: the next poll looks for the key's winning job before anything else.
         self._converge: dict[str, str] = {}
+        #: Sessions whose ready job SLURM showed COMPLETING: ending, unless it comes back (requeue).
+        self._completing: set[str] = set()
         self._scan: tuple[float, dict[str, JobInfo]] | None = None
         #: Jobs whose end this broker has seen (newest last, bounded): a scan taken a moment
         #: earlier may still list one as running, and no login may join a job that is gone.
@@ -168,6 +170,7 @@ class Manager:
             self._cancel_sent.pop(session.job_id, None)
             self._absent_since.pop(session.job_id, None)
             self._converge.pop(session.id, None)
+            self._completing.discard(session.id)
             if session.job_id:
                 self._gone[session.job_id] = None
                 while len(self._gone) > GONE_MEMORY:
@@ -821,8 +824,9 @@ class Manager:
                 self._converge.setdefault(session.id, "")  # another job of this key is live
             if session.state == State.SUBMITTED:
                 self.transition(session, State.PENDING, _pending_text(info))
-            elif session.state in (State.STARTING, State.READY):
+            elif session.state in (State.STARTING, State.READY) or session.id in self._completing:
                 # Requeued (node failure, admin): the instance died with the first run.
+                self._completing.discard(session.id)
                 why = "job was requeued by SLURM" + (f" ({info.reason})" if info.reason not in ("", "None") else "")
                 self.transition(session, State.ENDING, f"{why}; its instance is gone")
                 self._spawn(self._scancel(session))
@@ -836,7 +840,14 @@ class Manager:
         elif state in _END_STATES:
             what = f"job {state.lower()}" + (f" ({info.reason})" if info.reason not in ("", "None") else "")
             if session.state in (State.READY, State.ENDING):
-                if state != "COMPLETING" or session.state == State.READY:
+                if state == "COMPLETING":
+                    if session.state == State.READY:
+                        # Not over yet: a requeue passes through COMPLETING back to PENDING. It
+                        # ends when the job leaves SLURM or ends; if it comes back, the requeue
+                        # guard below cancels it.
+                        self._completing.add(session.id)
+                        self.transition(session, State.ENDING, what)
+                else:
                     self.transition(session, State.ENDED, session.reason if session.state == State.ENDING
                                     else what)
             else:

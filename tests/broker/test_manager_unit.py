@@ -338,3 +338,27 @@ async def test_a_session_that_never_ends_is_said_so_after_the_bound(manager, mon
 async def _until(predicate) -> None:
     while not predicate():
         await asyncio.sleep(0.01)
+
+
+async def test_a_requeue_seen_through_completing_is_still_cancelled(recording):
+    """The poller may see the requeued job COMPLETING before it pends again: the session is
+    ending then, not ended, so the job that comes back is still cancelled as its owner."""
+    mgr, runner = recording
+    s = tracked(mgr, State.READY)
+    mgr.apply(s, info("COMPLETING"), 100.0)
+    assert (s.state, s.reason) == (State.ENDING, "job completing")
+    mgr.apply(s, info("PENDING", "BeginTime"), 101.0)
+    assert (s.state, s.reason) == (State.ENDING, "job was requeued by SLURM (BeginTime); its instance is gone")
+    await _settle(mgr)
+    assert ["scancel", "7"] in [argv for argv, _ in runner.calls]
+    mgr.apply(s, info("CANCELLED"), 102.0)
+    assert s.state == State.ENDED and s.reason.startswith("job was requeued by SLURM")
+
+
+def test_a_job_that_completes_and_leaves_ends_its_session_after_the_grace(manager):
+    s = tracked(manager, State.READY)
+    manager.apply(s, info("COMPLETING"), 100.0)
+    assert s.state == State.ENDING
+    manager.apply(s, None, 101.0)
+    manager.apply(s, None, 111.5)
+    assert (s.state, s.reason) == (State.ENDED, "job completing")
