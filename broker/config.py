@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import profiles as _profiles
-from .profiles import Profile
+from .profiles import Bind, Profile
 
 DEFAULT_PATH = "/etc/sbroker/broker.toml"
 
@@ -33,11 +33,9 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-@dataclass(frozen=True)
-class Mount:
-    host_path: str
-    container_path: str
-    mode: str = "ro"
+#: A host path bound into the container: ``[container] host_mounts`` and profiles' ``binds``
+#: are the same thing, one type (:class:`broker.profiles.Bind`).
+Mount = Bind
 
 
 @dataclass(frozen=True)
