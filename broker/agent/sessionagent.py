@@ -240,22 +240,22 @@ class Agent:
         finally:
             os.umask(old)
         server = await asyncio.start_unix_server(self._on_client, sock=sock, limit=MAX_JSON * 2)
-        os.replace(staging, path)  # the socket appears only once it accepts: the batch script waits for it
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            self.loop.add_signal_handler(signum, self.stopping.set)
-        self.loop.add_signal_handler(signal.SIGCHLD, self._reap)
-        log("agent_started", pid=os.getpid(), socket=path, grace=self.grace, max_shells=self.max_shells,
-            max_detached=self.max_detached, python=sys.version.split()[0])
-        self._write_status()
-        tasks = [asyncio.ensure_future(self._walltime_loop())]
-        if self.listen and self.key_path:
+        stream_tasks = []
+        if self.listen and self.key_path:  # before the socket appears: the first status has the port
             self.streams = Streams(self, self.listen, self.key_path, self.max_commands)
             try:
-                tasks.append(self.streams.start())
+                stream_tasks.append(self.streams.start())
             except OSError as exc:
                 log("streams_unavailable", listen=self.listen, error=exc.strerror or str(exc))
                 self.streams = None
-            self._write_status()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            self.loop.add_signal_handler(signum, self.stopping.set)
+        self.loop.add_signal_handler(signal.SIGCHLD, self._reap)
+        self._write_status()  # the status (with the port) exists before the socket says "ready"
+        os.replace(staging, path)  # the socket appears only once it accepts: the batch script waits for it
+        log("agent_started", pid=os.getpid(), socket=path, grace=self.grace, max_shells=self.max_shells,
+            max_detached=self.max_detached, python=sys.version.split()[0])
+        tasks = [asyncio.ensure_future(self._walltime_loop()), *stream_tasks]
         await self.stopping.wait()
         log("agent_stopping", shells=len(self.shells))
         server.close()

@@ -111,6 +111,10 @@ pause() {
 
 on_exit() {
     local status=$?
+    # Once, and only in the script's own shell: a signal landing while a subshell is forked
+    # (a pipeline, $(...)) must not print the markers twice.
+    if [ "${exiting:-0}" = 1 ] || [ "$BASHPID" != "$$" ]; then return; fi
+    exiting=1
     trap '' TERM INT HUP
     # A signal can land between 'sleep &' and 'sleep_pid=$!': kill every background job.
     for pid in $sleep_pid $(jobs -p); do kill "$pid" 2>/dev/null; done
