@@ -105,8 +105,13 @@ class AttachHub:
         (``endpoint="ssh"``): the agent's direct stream (host, port, the key file the user
         reads, the argv), or None when the agent has none."""
         status = await self.agents.locate(session)
-        if status is None or not status.port or not session.node:
+        if status is None or not status.port:
             return None
+        if not session.node:  # ready by its marker before the poller saw the job run: ask SLURM
+            info = (await self.manager.scan(max_age=0.0)).get(session.job_id)
+            if info is None or not info.nodes or info.nodes == "(null)":
+                return None
+            session.node = info.nodes
         host = await self.manager.node_addr(session.node)
         if endpoint == "ssh":
             # The home from the passwd entry, never from the message: the host key and the
