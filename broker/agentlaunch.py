@@ -7,10 +7,11 @@ does not end it. The one requirement this makes on compute nodes is ``python3`` 
 the job's ``PATH`` (stated in ``docs/admin.md``); the first session on a node without it
 fails in one line: ``INSTANCE_FAILED: the session agent needs python3 >= 3.9 ...``.
 
-* :func:`start_snippet` (bash, run by the start script after the instance is listed and
-  before ``INSTANCE_READY``): writes the agent into a private ``mktemp -d`` directory on the
-  node, starts ``serve`` and waits (bounded) until it accepts and has written its status
-  file, whose ``dir`` field tells the broker where it is.
+* :func:`start_snippet` (bash, run by the start script right after the instance started):
+  writes the agent into a private ``mktemp -d`` directory on the node and starts ``serve``;
+  :func:`await_snippet` (before ``INSTANCE_READY``, after the instance is listed) waits
+  (bounded) until it accepts and has written its status file, whose ``dir`` field tells the
+  broker where it is.
 * :func:`keepalive_snippet`: the job fails (``INSTANCE_FAILED``) when the agent is gone:
   a session whose shells cannot be reached must not keep taking logins.
 * :func:`attach_argv`: what ``sbroker login`` runs to reach a shell:
@@ -36,8 +37,8 @@ AGENT_FILE = "agent.py"
 STATUS_SUFFIX = ".agent.json"
 KEY_SUFFIX = ".agent.key"
 MIN_PYTHON = (3, 9)
-#: How long the start script waits for a started agent to accept (tenths of a second).
-START_WAIT_TENTHS = 100
+#: How long the start script waits for a started agent to accept (steps of 20 ms: 10 s).
+START_WAIT_STEPS = 500
 #: A path the status file may name for the agent's directory or python: absolute, plain
 #: characters only (it becomes an argv word; it never reaches a shell on the login node).
 _PATH_RE = re.compile(r"^/[A-Za-z0-9._/+-]{1,255}$")
@@ -90,19 +91,15 @@ def serve_argv(config: Config, status: Path) -> list[str]:
 
 
 def start_snippet(config: Config, status: Path) -> str:
-    """Bash for the start script (see the module docstring); uses its ``fail`` function."""
+    """Bash for the start script right after the instance started (its ``after_start``): write
+    the agent and launch it in the background, so its start overlaps the instance's listing;
+    :func:`await_snippet` then waits for it. Uses the script's ``fail`` function."""
     q = shlex.quote
-    minimum = ".".join(map(str, MIN_PYTHON))
     options = " ".join(q(a) for a in serve_argv(config, status))
     return f"""\
-# The session agent holds the shells' ptys in this batch step (see broker.agentlaunch).
+# The session agent holds the shells' ptys in this step (see broker.agentlaunch).
 agent_status={q(str(status))}
-agent_python=$(command -v python3 2>/dev/null)
-if [ -z "$agent_python" ] || ! "$agent_python" -c 'import sys; sys.exit(sys.version_info < {MIN_PYTHON!r})' \
-        </dev/null >/dev/null 2>&1; then
-    fail "the session agent needs python3 >= {minimum} on the PATH of compute node $(hostname -s 2>/dev/null) \
-(found: ${{agent_python:-no python3}} $("${{agent_python:-false}}" -V 2>&1 </dev/null))"
-fi
+agent_python=$(command -v python3 2>/dev/null) || {_python_fail()}
 agent_dir=$(mktemp -d "${{TMPDIR:-/tmp}}/sbroker-agent.XXXXXXXX") \
     || fail "cannot create the session agent's directory in ${{TMPDIR:-/tmp}} on $(hostname -s 2>/dev/null)"
 cat >"$agent_dir/{MODULE_FILE}" <<'{_HEREDOC_END}'
@@ -115,16 +112,36 @@ rm -f "$agent_status"
 "$agent_python" -I -S "$agent_dir/{AGENT_FILE}" serve --dir "$agent_dir" {options} --job "${{SLURM_JOB_ID:-}}" \
     </dev/null >/dev/null &
 agent_pid=$!
+"""
+
+
+def await_snippet() -> str:
+    """Bash for the start script before ``INSTANCE_READY``: wait (bounded, in 20 ms steps) until
+    the agent accepts and has written its status file. An agent that exited is explained in one
+    line: the python3 it found is too old (checked only then: a process less on every start),
+    or its own error, which is in the job's log."""
+    return f"""\
 agent_waited=0
 until [ -S "$agent_dir/agent.sock" ] && [ -s "$agent_status" ]; do
-    kill -0 "$agent_pid" 2>/dev/null || fail "the session agent exited at start (its error is in this job's log)"
-    agent_waited=$((agent_waited + 1))
-    if [ "$agent_waited" -ge {START_WAIT_TENTHS} ]; then
-        fail "the session agent did not start within {START_WAIT_TENTHS // 10}s"
+    if ! kill -0 "$agent_pid" 2>/dev/null; then
+        "$agent_python" -c 'import sys; sys.exit(sys.version_info < {MIN_PYTHON!r})' </dev/null >/dev/null 2>&1 \
+            || {_python_fail()}
+        fail "the session agent exited at start (its error is in this job's log)"
     fi
-    sleep 0.1
+    agent_waited=$((agent_waited + 1))
+    if [ "$agent_waited" -ge {START_WAIT_STEPS} ]; then
+        fail "the session agent did not start within {START_WAIT_STEPS // 50}s"
+    fi
+    sleep 0.02
 done
 """
+
+
+def _python_fail() -> str:
+    minimum = ".".join(map(str, MIN_PYTHON))
+    return (f'fail "the session agent needs python3 >= {minimum} on the PATH of compute node '
+            '$(hostname -s 2>/dev/null) (found: ${agent_python:-no python3} '
+            '$("${agent_python:-false}" -V 2>&1 </dev/null))"')
 
 
 def keepalive_snippet() -> str:
@@ -179,4 +196,4 @@ def walltime_argv(job_id: str, agent_dir: str, python: str) -> list[str]:
 
 
 __all__ = ["AGENT_FILE", "KEY_SUFFIX", "STATUS_SUFFIX", "key_path", "agent_source", "attach_argv", "exit_snippet", "keepalive_snippet",
-           "safe_path", "serve_argv", "start_snippet", "status_path", "walltime_argv"]
+           "safe_path", "serve_argv", "start_snippet", "await_snippet", "status_path", "walltime_argv"]

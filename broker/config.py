@@ -72,6 +72,11 @@ class Config:
     poll_interval: float = 5.0
     command_timeout: float = 30.0
     gone_grace: float = 10.0
+    #: ``batch`` (sbatch: waits for the scheduler's pass, survives any login node's loss) or
+    #: ``immediate`` (salloc --no-shell: granted at once when free; see broker.launch).
+    launch: str = "batch"
+    #: What holds an immediate session's agent step beyond the broker (broker.launch).
+    holder: str = "auto"
 
     image: str = ""
     #: The container's hostname; empty: the compute node's own name (what users need to see).
@@ -173,6 +178,8 @@ _FIELDS: list[tuple[str, str, str, str]] = [
     ("slurm", "poll_interval", "poll_interval", "float:0.2:600"),
     ("slurm", "command_timeout", "command_timeout", "float:1:600"),
     ("slurm", "gone_grace", "gone_grace", "float:0:3600"),
+    ("slurm", "launch", "launch", "choice:batch,immediate"),
+    ("slurm", "holder", "holder", "choice:auto,setsid,systemd-run"),
     ("container", "image", "image", "abspath"),
     ("container", "hostname", "hostname", "hostname"),
     ("container", "user_dir", "user_dir", "template"),
@@ -230,6 +237,9 @@ def _check(kind: str, value: Any) -> tuple[Any, str | None]:
         return (int(value) if typ == "int" else float(value)), None
     if kind == "bool":
         return value, None if isinstance(value, bool) else "must be true or false"
+    if kind.startswith("choice:"):
+        choices = kind.split(":", 1)[1].split(",")
+        return value, None if value in choices else f"must be one of {', '.join(choices)}"
     if kind == "intlist":
         if not isinstance(value, list) or not all(isinstance(v, int) and v > 0 for v in value):
             return value, "must be a list of positive integers (seconds)"

@@ -18,7 +18,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import agentlaunch, profiles
+from . import agentlaunch, launch, profiles
 from .config import Config
 from .container import _validate as v
 from .container.apptainer import build_exec_args, build_sbatch_command
@@ -40,6 +40,9 @@ class JobSpec:
     job_dir: Path
     #: Where the session agent writes its status (see :mod:`broker.agentlaunch`).
     agent_status: Path
+    #: ``salloc --no-shell --immediate`` for the same job (``[slurm] launch = "immediate"``;
+    #: its comment is tagged ``launch=immediate``), see :mod:`broker.launch`.
+    salloc_argv: list[str]
 
 
 def check_project(config: Config, project: str) -> str:
@@ -104,7 +107,8 @@ def build(config: Config, user: User, project: str, image: str, image_digest: st
     exec_args = profiles.with_profile(with_hostname(exec_args, config.hostname), profile)
     script = render_instance_start_script(exec_args, username, project, instance,
                                           before_start=profiles.gpu_env_snippet() if profile.gpu else "",
-                                          before_ready=agentlaunch.start_snippet(config, status),
+                                          after_start=agentlaunch.start_snippet(config, status),
+                                          before_ready=agentlaunch.await_snippet(),
                                           keepalive=agentlaunch.keepalive_snippet(),
                                           at_exit=agentlaunch.exit_snippet())
     script_path = jobs_dir(config, username) / f"{instance}.sh"
@@ -115,8 +119,8 @@ def build(config: Config, user: User, project: str, image: str, image_digest: st
     log_flag = next(a for a in argv if a.startswith("--output="))
     log = Path(log_flag.split("=", 1)[1])
     digest = image_digest.split(":")[-1][:16]
-    comment = format_comment({"user": username, "project": project, "instance": instance,
-                              "digest": digest, "profile": profile.name})
+    tags = {"user": username, "project": project, "instance": instance, "digest": digest, "profile": profile.name}
+    comment = format_comment(tags)
     # The script goes to sbatch on stdin: the file on disk is the broker's record
     # (root-only), so there is no window in which anyone could swap it.
     # --no-requeue: after a node failure SLURM would requeue the job (same id, PENDING) and
@@ -128,5 +132,9 @@ def build(config: Config, user: User, project: str, image: str, image_digest: st
              "--no-requeue", "--dependency=singleton"]
     sbatch_argv = [f"--job-name={singleton_name(project)}" if a.startswith("--job-name=") else a
                    for a in argv[:-1]] + extra
+    salloc = launch.salloc_argv(job_name=singleton_name(project), partition=profile.partition,
+                                time_limit=profile.time_limit, cpus=profile.cpus, memory_gb=profile.memory_gb,
+                                profile=profile, comment=format_comment({**tags, "launch": "immediate"}),
+                                home=user.home)
     return JobSpec(instance, script, script_path, log, sbatch_argv, host_user_dir, host_project_dir, shared,
-                   status)
+                   status, salloc)

@@ -29,7 +29,7 @@ from typing import Any
 
 import anyio
 
-from . import images, jobspec, profiles, queue, userfs
+from . import images, jobspec, launch, profiles, queue, userfs
 from . import limits
 from . import log as _log
 from .audit import Audit
@@ -63,6 +63,9 @@ READ_CHUNK = 64 * 1024
 #: there (then slurm.job_dir is node-local, not shared) instead of waiting for the timeout.
 LOG_APPEAR_GRACE = 5.0
 FAST_POLL = 0.5
+#: How long an immediate session's running allocation may lack its agent step before it is
+#: released: covers the holder's srun creating the step right after the allocation.
+AGENT_STEP_GRACE = 10.0
 #: Least time between two polls however often the poller is woken: in a login storm every
 #: sbatch, readiness and kill wakes it, and those wakes must share one squeue.
 MIN_POLL_GAP = 0.25
@@ -118,6 +121,8 @@ class Manager:
         self._converge: dict[str, str] = {}
         #: Sessions whose ready job SLURM showed COMPLETING: ending, unless it comes back (requeue).
         self._completing: set[str] = set()
+        #: Immediate sessions' jobs seen running without their agent step, since when (broker.launch).
+        self._stepless: dict[str, float] = {}
         self._scan: tuple[float, dict[str, JobInfo]] | None = None
         #: Jobs whose end this broker has seen (newest last, bounded): a scan taken a moment
         #: earlier may still list one as running, and no login may join a job that is gone.
@@ -360,6 +365,8 @@ class Manager:
             # refused there reads as "missing" and costs only the mkdir.
             if self.config.create_project_dir and not os.path.isdir(spec.host_project_dir):
                 await self.runner.run(["mkdir", "-p", "--", spec.host_project_dir], user=user)
+            if self.config.launch == "immediate" and await self._allocate(session, user, spec):
+                return
             switch = await self._forecast(session, user, spec, profile.partition)
             if switch:  # the login chose another profile at the forecast: build that one instead
                 session.profile = switch
@@ -386,6 +393,46 @@ class Manager:
                           job_id=job_id, instance=session.instance, image=session.image,
                           digest=session.image_digest, profile=session.profile)
         self._wake.set()
+
+    async def _allocate(self, session: Session, user: User, spec: jobspec.JobSpec) -> bool:
+        """The immediate launch (broker.launch): an allocation granted now (``salloc --no-shell
+        --immediate``, as the user) and its agent step started under a holder that outlives
+        this broker. False when SLURM cannot grant it now: the caller queues a batch job."""
+        try:
+            result = await self.runner.run(spec.salloc_argv, user=user)
+            job_id = launch.parse_salloc(result.stderr)
+        except ControllerUnavailable:
+            raise
+        except (SlurmError, ValueError) as exc:
+            self.log.info("immediate_not_granted", session=session.id, user=user.name, project=session.project,
+                          reason=getattr(exc, "reason", None) or str(exc))
+            return False
+        if session.state in TERMINAL:  # ended (^C, kill) while salloc ran: its allocation must not outlive it
+            await self._cancel_job(job_id, user)
+            raise SessionError("failed", session.reason or "session ended while it was being allocated")
+        session.job_id, session.launch = job_id, "immediate"
+        session.submitted_at = time.time()
+        self.transition(session, State.SUBMITTED, f"job {job_id} allocated at once (immediate launch)")
+        self.audit.record("session_started", user=session.user, project=session.project, session=session.id,
+                          job_id=job_id, instance=session.instance, image=session.image,
+                          digest=session.image_digest, profile=session.profile, launch="immediate")
+        kind = launch.choose_holder(self.config.holder)
+        argv = launch.holder_argv(kind, job_id, str(spec.log_path), uid=user.uid, gid=user.gid,
+                                  stdin_path=str(spec.script_path))
+        try:
+            await self.runner.detach(argv, user=user if kind == "setsid" else None,
+                                     stdin_path=str(spec.script_path), output_path=str(holder_log(spec)),
+                                     extra_env={"SBROKER_JOB_ID": job_id})
+        except (SlurmError, OSError) as exc:
+            await self._cancel_failed(session, f"the session's agent step could not be started ({kind}):"
+                                               f" {getattr(exc, 'reason', None) or exc}")
+            raise SessionError("submit_failed", session.reason) from None
+        self.log.info("agent_step_held", session=session.id, user=user.name, job_id=job_id, holder=kind)
+        # Two login nodes may allocate for one key at the same moment (no singleton here): the
+        # older job wins everywhere, off the critical path (before this one is ready, normally).
+        self._converge[session.id] = ""
+        self._wake.set()
+        return True
 
     async def _forecast(self, session: Session, user: User, spec: jobspec.JobSpec, partition: str) -> str | None:
         """When jobs already wait in the partition (the scan just taken says so; no extra
@@ -510,6 +557,7 @@ class Manager:
         session.script_path = str(jobspec.jobs_dir(self.config, user.name) / f"{session.instance}.sh")
         session.image_digest = tags.get("digest", "")
         session.profile = self.tag_profile(tags)
+        session.launch = "immediate" if tags.get("launch") == "immediate" else "batch"
         session.node = info.nodes if info.nodes not in ("", "(null)") else ""
         self.store.save(session)
 
@@ -784,6 +832,40 @@ class Manager:
         now = time.time()
         for session in tracked:
             self.apply(session, jobs.get(session.job_id), now)
+        held = [s for s in tracked if s.launch == "immediate" and s.state in (State.STARTING, State.READY)
+                and (info := jobs.get(s.job_id)) is not None and info.state == "RUNNING"]
+        if held:
+            await self._check_agent_steps(held)
+
+    async def _check_agent_steps(self, sessions: list[Session]) -> None:
+        """An immediate session lives in its agent step (broker.launch): a running allocation
+        without it for AGENT_STEP_GRACE (its holder's login node was lost, or the step was
+        killed) has no shells and no instance any more. It is released, and the reason says so."""
+        try:
+            result = await self.runner.run(commands.squeue_agent_steps(s.job_id for s in sessions))
+        except SlurmError as exc:
+            self.log.warning("step_check_failed", reason=exc.reason)
+            return  # no evidence either way
+        running = launch.steps_with_agent(result.stdout.split("\n"))
+        now = time.monotonic()
+        for session in sessions:
+            if session.job_id in running:
+                self._stepless.pop(session.job_id, None)
+                continue
+            since = self._stepless.setdefault(session.job_id, now)
+            if now - since < AGENT_STEP_GRACE:
+                continue
+            self._stepless.pop(session.job_id, None)
+            why = "its agent step ended without releasing the allocation (the login node holding it was lost" \
+                  " or the step was killed); the session's shells and instance are gone"
+            detail = _last_line(holder_log_of(self.config, session))
+            self.log.warning("agent_step_lost", session=session.id, user=session.user, job_id=session.job_id,
+                             holder_said=detail)
+            await self._scancel(session)
+            if session.state == State.READY:
+                self.transition(session, State.ENDING, why)
+            else:
+                self._fail(session, why + (f" (srun said: {detail})" if detail else ""))
 
     def _controller_down(self, reason: str, tracked: list[Session]) -> None:
         if self.controller_ok:
@@ -985,6 +1067,7 @@ class Manager:
         session.script_path = str(jobspec.jobs_dir(self.config, user.name) / f"{session.instance}.sh")
         session.image_digest = tags.get("digest", "")
         session.profile = self.tag_profile(tags)
+        session.launch = "immediate" if tags.get("launch") == "immediate" else "batch"
         self.sessions[session.id] = session
         self.store.save(session)
         self.transition(session, State.SUBMITTED, "adopted tagged job")
@@ -1177,6 +1260,31 @@ def _reason_class(reason: str) -> str:
     """A short label for metrics: the reason up to its first colon or parenthesis."""
     head = reason.split(":", 1)[0].split("(", 1)[0].strip()
     return head[:40] or "unknown"
+
+
+def holder_log(spec: jobspec.JobSpec) -> Path:
+    """What an immediate session's holder (its ``srun``) says: the broker's own root-only file
+    beside the script record, written through a descriptor the broker hands over."""
+    return spec.script_path.with_suffix(".holder.log")
+
+
+def holder_log_of(config: Config, session: Session) -> Path | None:
+    if not session.instance:
+        return None
+    return jobspec.jobs_dir(config, session.user) / f"{session.instance}.holder.log"
+
+
+def _last_line(path: Path | None, limit: int = 4096) -> str:
+    """The last non-empty line of a root-only file of the broker's, at most 200 characters."""
+    if path is None:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - limit))
+            lines = [line for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1].strip()[:200] if lines else ""
 
 
 def _write_job_files(spec: jobspec.JobSpec) -> None:

@@ -62,6 +62,9 @@ class Session:
     #: the key: one session per (user, project) whatever its profile. "" = not known (a job
     #: adopted whose tag names no profile of this config).
     profile: str = ""
+    #: How its job was made: "batch" (sbatch) or "immediate" (salloc and a held agent step,
+    #: broker.launch). Tagged in the job's comment, so every login node's broker knows it.
+    launch: str = "batch"
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     state: State = State.REQUESTED
     prev_state: State | None = None

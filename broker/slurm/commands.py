@@ -36,6 +36,16 @@ def squeue_steps(job_id: str) -> list[str]:
     return ["squeue", "--noheader", "--steps", f"--jobs={job_id}", "--format=%i"]
 
 
+def squeue_agent_steps(job_ids: Iterable[str]) -> list[str]:
+    """The running steps of many jobs, ids only (``J.0``...): the immediate sessions' check
+    that their agent step still runs (broker.launch). No user-controlled field."""
+    ids = set(job_ids)
+    for job_id in ids:
+        if not (job_id.isdigit() and job_id.isascii()):
+            raise ValueError(f"job_id: must be digits (got {job_id!r})")
+    return ["squeue", "--noheader", "--steps", f"--jobs={','.join(sorted(ids, key=int))}", "--format=%i"]
+
+
 def scancel(job_id: str, *, signal: str | None = None) -> list[str]:
     if not job_id.isdigit():
         raise ValueError(f"job_id: must be digits (got {job_id!r})")

@@ -118,6 +118,46 @@ class Runner:
         return result
 
 
+    async def detach(self, argv: Sequence[str], *, user: User | None, stdin_path: str, output_path: str,
+                     extra_env: Mapping[str, str] | None = None, timeout: float | None = None) -> Result:
+        """Start a process that outlives the broker (``setsid --fork`` or ``systemd-run``: the
+        argv itself detaches, and this returns when its launcher has).
+
+        ``stdin_path`` and ``output_path`` are the broker's own root-only files, opened here by
+        root and handed over as descriptors: the user's process never gets a path to them, and
+        root never opens a path the user controls."""
+        argv = [str(a) for a in argv]
+        self.calls[os.path.basename(argv[0])] += 1
+        kwargs: dict = {}
+        if user is not None and os.geteuid() == 0 and user.uid != 0:
+            kwargs = {"user": user.uid, "group": user.gid, "extra_groups": list(user.groups)}
+        limit = timeout or self.timeout
+        started = time.monotonic()
+        stdin = os.open(stdin_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            out = os.open(output_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError:
+            os.close(stdin)
+            raise
+        try:
+            with anyio.fail_after(limit):
+                proc = await anyio.run_process(
+                    in_home(user.home, argv) if user is not None else argv, check=False, stdin=stdin,
+                    stdout=out, stderr=out, env=self.env(user, extra_env), cwd="/", **kwargs)
+        except TimeoutError:
+            raise ControllerUnavailable(argv, None, "", f"{argv[0]} timed out after {limit:g}s") from None
+        except OSError as exc:
+            raise CommandFailed(argv, None, str(exc), f"{argv[0]} could not be started: {exc}") from None
+        finally:
+            os.close(stdin)
+            os.close(out)
+        result = Result(argv, proc.returncode, "", "", time.monotonic() - started)
+        _log.get("sbroker.slurm").debug("slurm_detach", argv=argv[:3], user=user.name if user else "root",
+                                        rc=result.returncode, seconds=round(result.seconds, 4))
+        if result.returncode != 0:
+            raise CommandFailed(argv, result.returncode, "", f"{argv[0]}: exit status {result.returncode}")
+        return result
+
     async def spawn_pty(self, argv: Sequence[str], *, user: User, tty_fd: int,
                         extra_env: Mapping[str, str] | None = None) -> anyio.abc.Process:
         """Start ``argv`` as ``user`` with ``tty_fd`` as its controlling terminal.

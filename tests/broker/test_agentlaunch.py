@@ -60,6 +60,7 @@ def test_the_start_snippet_starts_a_private_agent_and_the_exit_snippet_removes_i
     script = "\n".join([
         'fail() { echo "FAILED: $1"; exit 1; }',
         agentlaunch.start_snippet(Config(), status),
+        agentlaunch.await_snippet(),
         'echo "READY $agent_dir"',
         'python3 -I -S "$agent_dir/agent.py" status',
         agentlaunch.keepalive_snippet(),
@@ -77,7 +78,8 @@ def test_the_start_snippet_starts_a_private_agent_and_the_exit_snippet_removes_i
 
 def test_the_start_snippet_fails_in_one_line_when_the_agent_cannot_start(tmp_path):
     status = tmp_path / "s.agent.json"
-    script = "\n".join(['fail() { echo "FAILED: $1"; exit 1; }', agentlaunch.start_snippet(Config(), status)])
+    script = "\n".join(['fail() { echo "FAILED: $1"; exit 1; }', agentlaunch.start_snippet(Config(), status),
+                        agentlaunch.await_snippet()])
     unwritable = tmp_path / "ro"
     unwritable.mkdir(mode=0o500)
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60,

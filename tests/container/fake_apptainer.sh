@@ -38,6 +38,10 @@ instance)
             printf 'FATAL:   container creation failed:\n   image not found\n' >&2
             exit 255
         fi
+        if grep -qxF -- "${!#}" "$state/instances" 2>/dev/null; then
+            echo "FATAL:   instance ${!#} already exists" >&2  # as apptainer does
+            exit 255
+        fi
         [ -f "$state/start_noshow" ] || echo "${!#}" >> "$state/instances"
         echo "INFO:    instance started successfully" >&2
         ;;

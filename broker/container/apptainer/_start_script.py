@@ -26,7 +26,8 @@ sets the keep-alive poll interval.
 
 Fixes over upstream: B1 (no ``set -e``; failure marker reachable), B3 (exact-name match),
 B4 (transient list failures tolerated), B5 (trap stops the instance; a stale instance
-with the same name is stopped first), B6 (validated and quoted everywhere).
+with the same name that makes the start fail is stopped, and the start tried once more),
+B6 (validated and quoted everywhere).
 """
 
 from __future__ import annotations
@@ -143,21 +144,25 @@ trap 'on_signal TERM 15' TERM
 trap 'on_signal INT 2' INT
 trap 'on_signal HUP 1' HUP
 
-# A stale instance with this name (e.g. from a killed job on this node) blocks the start.
-if instance_listed; then
-    echo "sbroker: stopping stale instance $INSTANCE" >&2
-    apptainer instance stop "$INSTANCE" >&2
-fi
-
 @BEFORE_START@
 started=1
 apptainer instance start @FLAGS@ "$CONTAINER" "$INSTANCE" >&2 2>"$err_file"
 rc=$?
 if [ "$err_file" != /dev/null ]; then cat "$err_file" >&2; fi
+# A stale instance with this name (e.g. from a killed job on this node) blocks the start:
+# stop it and start once more. Looked for only then: listing costs a process per start.
+if [ "$rc" != 0 ] && instance_listed; then
+    echo "sbroker: stopping stale instance $INSTANCE" >&2
+    apptainer instance stop "$INSTANCE" >&2
+    apptainer instance start @FLAGS@ "$CONTAINER" "$INSTANCE" >&2 2>"$err_file"
+    rc=$?
+    if [ "$err_file" != /dev/null ]; then cat "$err_file" >&2; fi
+fi
 if [ "$rc" != 0 ]; then
     instance_listed || started=0
     fail "apptainer instance start exited with status $rc: $(last_error)"
 fi
+@AFTER_START@
 
 checks=0
 until instance_listed; do
@@ -225,7 +230,7 @@ def build_instance_start_script(
 
 def render_instance_start_script(exec_args: Sequence[str], username: str, project_slug: str,
                                  instance_name: str, *, before_ready: str = "", keepalive: str = "",
-                                 at_exit: str = "", before_start: str = "") -> str:
+                                 at_exit: str = "", before_start: str = "", after_start: str = "") -> str:
     """The start script for an ``apptainer exec`` argv already built (and perhaps adjusted,
     e.g. by :func:`~._builders.with_hostname`); the image is its last word.
 
@@ -233,7 +238,9 @@ def render_instance_start_script(exec_args: Sequence[str], username: str, projec
     instance is listed and before ``INSTANCE_READY``, in each keep-alive round, and in the
     exit trap: the broker starts its session agent there (:mod:`broker.agentlaunch`). They
     may call ``fail REASON``, which keeps the marker contract. ``before_start`` runs just
-    before ``apptainer instance start`` (a GPU profile exports SLURM's GPU variables there).
+    before ``apptainer instance start`` (a GPU profile exports SLURM's GPU variables there);
+    ``after_start`` right after it succeeded, before the instance is looked for in the list
+    (the broker launches its agent there, so the agent's start overlaps the listing).
     """
     name = validate_instance_name(instance_name)
     values = {
@@ -245,6 +252,7 @@ def render_instance_start_script(exec_args: Sequence[str], username: str, projec
         "@READY_CHECKS@": str(READY_CHECKS),
         "@FLAGS@": " ".join(shlex.quote(flag) for flag in instance_flags(exec_args)),
         "@BEFORE_START@": before_start.rstrip("\n"),
+        "@AFTER_START@": after_start.rstrip("\n"),
         "@BEFORE_READY@": before_ready.rstrip("\n"),
         "@KEEPALIVE@": textwrap.indent(keepalive.rstrip("\n"), "    "),
         "@AT_EXIT@": textwrap.indent(at_exit.rstrip("\n"), "    "),
