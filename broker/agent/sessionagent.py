@@ -44,6 +44,7 @@ import sys
 import termios
 import time
 import tty
+from collections import deque
 
 if False:  # for type checkers: these are imported by ``serve`` only (see _serve_imports)
     import asyncio
@@ -65,6 +66,8 @@ def _serve_imports() -> None:
 HEADER = struct.Struct(">cI")
 KIND_JSON, KIND_OUTPUT, KIND_INPUT = b"J", b"O", b"I"
 MAX_DATA = 64 * 1024
+#: What one wakeup reads of a shell's output at most (several frames, one write).
+OUTPUT_BURST = 256 * 1024
 MAX_JSON = 64 * 1024
 SOCKET_NAME = "agent.sock"
 WRITER_HIGH_WATER = 256 * 1024
@@ -89,6 +92,18 @@ EXIT_LOST = 255
 
 def encode(kind: bytes, payload: bytes) -> bytes:
     return HEADER.pack(kind, len(payload)) + payload
+
+
+def encode_output(data: bytes) -> bytes:
+    """``data`` as output frames of at most :data:`MAX_DATA` bytes each, in one buffer."""
+    if len(data) <= MAX_DATA:
+        return HEADER.pack(KIND_OUTPUT, len(data)) + data
+    view = memoryview(data)
+    parts: list[bytes | memoryview] = []
+    for start in range(0, len(data), MAX_DATA):
+        piece = view[start:start + MAX_DATA]
+        parts += (HEADER.pack(KIND_OUTPUT, len(piece)), piece)
+    return b"".join(parts)
 
 
 def encode_json(message: dict) -> bytes:
@@ -173,7 +188,8 @@ class Shell:
         self.pid = pid
         self.master = master
         self.scrollback_limit = scrollback_limit
-        self.scrollback = bytearray()
+        self.scrollback: deque[bytes] = deque()
+        self.scrollback_size = 0
         self.writer: Conn | None = None
         self.observers: set[Conn] = set()
         self.detached_at: float | None = None
@@ -189,10 +205,19 @@ class Shell:
         self.spare_key: tuple = ()
 
     def record(self, data: bytes) -> None:
-        self.scrollback += data
-        excess = len(self.scrollback) - self.scrollback_limit
-        if excess > 0:
-            del self.scrollback[:excess]
+        """Keep (at least) the last ``scrollback_limit`` bytes, as the chunks they came in: a
+        flood of output costs an append per chunk, not a move of the whole scrollback (a
+        bytearray trimmed at the front is copied whole at the next append)."""
+        if not data or self.scrollback_limit <= 0:
+            return
+        self.scrollback.append(data)
+        self.scrollback_size += len(data)
+        while self.scrollback_size - len(self.scrollback[0]) >= self.scrollback_limit:
+            self.scrollback_size -= len(self.scrollback.popleft())
+
+    def recent(self) -> bytes:
+        """The scrollback to replay: its last ``scrollback_limit`` bytes."""
+        return b"".join(self.scrollback)[-self.scrollback_limit:]
 
 
 class Agent:
@@ -346,7 +371,7 @@ class Agent:
         self._status_changed()
         await conn.send({"type": "attached", "terminal": shell.id, "mode": mode, "reattached": reattached})
         if (reattached or fresh) and shell.scrollback:
-            replay = bytes(shell.scrollback)
+            replay = shell.recent()
             for start in range(0, len(replay), MAX_DATA):
                 conn.writer.write(encode(KIND_OUTPUT, replay[start:start + MAX_DATA]))
         announce = message.get("announce")
@@ -501,11 +526,16 @@ class Agent:
             shell.reading = False
 
     def _on_output(self, shell: Shell) -> None:
+        """Read what the pty has, up to :data:`OUTPUT_BURST`, and pass it on in one write.
+
+        A pty hands out at most 4 KiB a read however much is waiting, so a flood is many
+        reads; gathering them into one write per wakeup (not one per 64 KiB) saves the
+        terminal's connection sends and this loop's wakeups."""
         chunks: list[bytes] = []
         size = 0
-        while size < MAX_DATA:
+        while size < OUTPUT_BURST:
             try:
-                data = os.read(shell.master, MAX_DATA - size)
+                data = os.read(shell.master, MAX_DATA)
             except BlockingIOError:
                 break
             except OSError:  # EIO: every process holding the pty has gone
@@ -522,7 +552,7 @@ class Agent:
 
     def _deliver(self, shell: Shell, data: bytes) -> None:
         shell.record(data)
-        frame = encode(KIND_OUTPUT, data)
+        frame = encode_output(data)
         for conn in list(shell.observers):
             if conn.buffered() > OBSERVER_LIMIT:
                 shell.observers.discard(conn)
@@ -1135,7 +1165,38 @@ def _frames(buffer: bytearray) -> list[tuple[bytes, bytes]]:
     return out
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _split_frames(data: bytes) -> tuple[list[tuple[bytes, memoryview]], bytes]:
+    """The whole frames at the start of ``data`` (payloads are views into it, not copies) and
+    the incomplete rest."""
+    view = memoryview(data)
+    frames = []
+    pos = 0
+    while len(data) - pos >= HEADER.size:
+        kind, length = parse_header(data[pos:pos + HEADER.size])
+        end = pos + HEADER.size + length
+        if end > len(data):
+            break
+        frames.append((kind, view[pos + HEADER.size:end]))
+        pos = end
+    return frames, data[pos:]
+
+
+def _write_views(fd: int, views: list[memoryview]) -> None:
+    """Write ``views`` in order with one ``writev`` when the terminal takes them all (a flood's
+    output arrives as several frames a read; no copy joins them)."""
+    try:
+        written = os.writev(fd, views) if len(views) > 1 else os.write(fd, views[0])
+    except BlockingIOError:
+        written = 0
+    for view in views:
+        if written >= len(view):
+            written -= len(view)
+            continue
+        _write_all(fd, view[written:])
+        written = 0
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         try:
@@ -1183,7 +1244,7 @@ def attach_main(mode: str, argv: list[str], announce: str = "") -> int:
         sel.register(stdin, selectors.EVENT_READ, "stdin")
     except (PermissionError, ValueError):
         pass
-    buffer = bytearray()
+    rest = b""
     with _RawTTY(stdin):
         while True:
             for key, _ in sel.select():
@@ -1206,23 +1267,23 @@ def attach_main(mode: str, argv: list[str], announce: str = "") -> int:
                     if not chunk:
                         sys.stderr.write("\r\nsbroker: the session agent closed the connection\r\n")
                         return EXIT_LOST
-                    buffer += chunk
-                    output: list[bytes] = []
-                    for kind, payload in _frames(buffer):
+                    frames, rest = _split_frames(rest + chunk if rest else chunk)
+                    output: list[memoryview] = []
+                    for kind, payload in frames:
                         if kind == KIND_OUTPUT:
                             output.append(payload)
                             continue
                         if output:
-                            _write_all(stdout, b"".join(output))
+                            _write_views(stdout, output)
                             output = []
-                        message = json.loads(payload.decode())
+                        message = json.loads(bytes(payload).decode())
                         if message.get("type") == "exit":
                             return int(message.get("status", EXIT_LOST))
                         if message.get("type") == "error":
                             sys.stderr.write(f"sbroker: {message.get('message')}\r\n")
                             return 1
                     if output:
-                        _write_all(stdout, b"".join(output))
+                        _write_views(stdout, output)
 
 
 def status_main(op: str = "status") -> int:
