@@ -18,11 +18,16 @@ submitting RPC when the resources are free (15-30 ms on an idle node). ``[slurm]
    upgrade does not touch it. When the step ends (the session ended), the holder releases
    the allocation (``scancel``), as the end of a batch script does.
 
-The trade, stated in ``docs/admin.md``: the holder lives on the login node that made the
-session. A lost login node ends the agent step and with it the session's shells and
-instance; a broker (on any login node) that sees the allocation running without its agent
-step releases it, and the next login starts a new session. A batch session survives the
-loss of any login node.
+What a lost login node does, stated in ``docs/admin.md``: the holder's ``srun`` only
+launches the step. The step's output goes to a file, so its ``slurmstepd`` needs nothing from
+``srun`` and the step, its instance and its shells outlive it (checked on the bed: a ``kill -9``
+of the holder's process group leaves the step, the shells and their variables; a session
+reached through another login node goes on). What is lost with the holder is the release of
+the allocation when the step ends: a broker (on any login node) that sees the allocation
+running without its agent step for :data:`broker.manager.AGENT_STEP_GRACE` releases it,
+with a reason that says so. A signal to the holder (``SIGTERM``/``SIGINT``) is forwarded to
+the step by ``srun`` and ends the session: that is why the holder is in a session (and, under
+systemd, a unit) of its own, where no terminal and no stop of ``sbroker.service`` reach it.
 
 ``InactiveLimit`` does not apply: since SLURM 20.02 ``salloc --no-shell`` jobs have no
 allocating command to ping (SchedMD commit 874442f, "Don't check InactiveLimit for salloc
