@@ -1,6 +1,6 @@
 """``python -m benchmarks [names...]``: run benchmarks against raw SLURM, write the report.
 
-Names: readiness, verify, import, sched, warm, pty, transfer, sshendpoint, cold, hostile, rss (default: all,
+Names: readiness, verify, import, sched, warm, pty, transfer, sshendpoint, cold, immediate, hostile, rss (default: all,
 in that order).
 Cluster benchmarks take the test bed lock that pytest's cluster fixture takes, for the
 whole run, and stop the broker they started. ``--quick`` uses small n (a smoke run).
@@ -20,19 +20,20 @@ from pathlib import Path
 
 from .common import Row, TestbedLock, log
 
-ORDER = ["readiness", "verify", "import", "sched", "warm", "pty", "transfer", "sshendpoint", "cold", "hostile", "rss"]
-CLUSTER = {"sched", "warm", "pty", "transfer", "sshendpoint", "cold", "hostile", "rss"}
+ORDER = ["readiness", "verify", "import", "sched", "warm", "pty", "transfer", "sshendpoint", "cold", "immediate",
+         "hostile", "rss"]
+CLUSTER = {"sched", "warm", "pty", "transfer", "sshendpoint", "cold", "immediate", "hostile", "rss"}
 NEEDS_BROKER = {"warm", "pty", "transfer", "sshendpoint", "cold"}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # n per benchmark: full run (fits in 15 minutes on 2 cores) and --quick.
 SIZES = {
     "full": dict(readiness=200, verify=5, verify_mb=1024, import_n=20, sched_ns=[1, 10, 50, 200], sched_s=10.0,
-                 warm=30, pty=3, pty_mb=200, keys=200, cold=25, hostile_blocks=3, hostile_per=10, rss=200,
+                 warm=30, pty=3, pty_mb=200, keys=200, cold=25, immediate=15, hostile_blocks=3, hostile_per=10, rss=200,
                  rss_restarts=5, rss_terms=100, rss_rounds=3, transfer=5, transfer_mb=200,
                  transfer_files=2000, sshe_true=15, sshe_scp=5, sshe_mb=200),
     "quick": dict(readiness=30, verify=2, verify_mb=128, import_n=5, sched_ns=[1, 10], sched_s=4.0,
-                  warm=3, pty=1, pty_mb=20, keys=30, cold=2, hostile_blocks=1, hostile_per=3, rss=200,
+                  warm=3, pty=1, pty_mb=20, keys=30, cold=2, immediate=2, hostile_blocks=1, hostile_per=3, rss=200,
                   rss_restarts=1, rss_terms=100, rss_rounds=1, transfer=1, transfer_mb=50,
                   transfer_files=500, sshe_true=3, sshe_scp=1, sshe_mb=50),
 }
@@ -140,6 +141,19 @@ def run(names: list[str], size: dict, lock_wait: float, rec: Recorder) -> None:
                         size["sshe_mb"])
                 if "cold" in names:
                     rec("cold", interactive.cold_shell, broker, size["cold"])
+            finally:
+                broker.stop()
+                from tests.integration import daemon as d
+
+                d.reset_state()
+                bed.cleanup_bench_files()
+        if "immediate" in names:
+            from . import interactive
+
+            broker = bed.Broker(slurm_launch="immediate")
+            broker.start()
+            try:
+                rec("immediate", interactive.cold_immediate, broker, size["immediate"])
             finally:
                 broker.stop()
                 from tests.integration import daemon as d

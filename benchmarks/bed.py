@@ -230,6 +230,53 @@ def raw_cold_remote(job: RawJob) -> str:
     return f"env PATH={shlex.quote(PATH)} bash -c {shlex.quote(inner)}"
 
 
+class RawImmediate:
+    """What a user without sbroker types for an immediate allocation and a container shell:
+    ``salloc --no-shell --immediate`` (the broker's resources), a step that starts the same
+    instance and keeps it (an instance started by a step that ends dies with the step), and
+    ``srun --overlap --pty ... instance://`` once the instance is up. Same user, image, flags."""
+
+    def __init__(self, user: str, project: str) -> None:
+        self.user = lookup_name(user)
+        self.project = project
+        cfg = bench_config()
+        image = images.resolve(cfg.image)
+        spec = jobspec.build(cfg, self.user, project, str(image), images.digest(image))
+        self.instance = spec.instance
+        out_dir = Path(self.user.home) / BENCH_SUBDIR
+        as_user(user, "mkdir", "-p", "-m", "0700", "--", str(out_dir), spec.host_project_dir)
+        self.log_path = out_dir / f"{spec.instance}.log"
+        salloc = [a for a in spec.salloc_argv if not a.startswith(("--comment=", "--job-name="))]
+        salloc.append(f"--job-name={spec.instance}")
+        exec_args = shell_argv("1", spec.instance, user, project, TERM)
+        start = ["apptainer", "instance", "start", *_instance_flags(spec), str(image), spec.instance]
+        keep = f"{shlex.join(start)} >&2 && echo READY && exec sleep infinity"
+        attach = shlex.join(exec_args).replace("--jobid=1", '--jobid="$jid"', 1)
+        self.inner = (
+            f"jid=$({shlex.join(salloc)} 2>&1 | sed -n 's/.*Granted job allocation \\([0-9]*\\).*/\\1/p'); "
+            '[ -n "$jid" ] || exit 1; '
+            f'srun --overlap --jobid="$jid" --ntasks=1 --output={shlex.quote(str(self.log_path))} '
+            f"bash -c {shlex.quote(keep)} </dev/null & "
+            f"until grep -qx READY {shlex.quote(str(self.log_path))} 2>/dev/null; do sleep 0.005; done; "
+            f"exec {attach}")
+
+    def argv(self) -> list[str]:
+        return ["runuser", "-u", self.user.name, "--", "env", "-i", *env_pairs(self.user.name), "bash", "-c",
+                self.inner]
+
+    def cancel(self) -> list[str]:
+        ids = jobs_named(self.user.name, self.instance)
+        as_user(self.user.name, "scancel", f"--name={self.instance}", check=False)
+        return ids
+
+
+def _instance_flags(spec: jobspec.JobSpec) -> list[str]:
+    """The flags the spec's start script gives ``apptainer instance start`` (read from the script)."""
+    line = next(l for l in spec.script.splitlines() if l.startswith("apptainer instance start "))
+    words = shlex.split(line)
+    return words[3:words.index("$CONTAINER")]
+
+
 def jobs_named(user: str, name: str) -> list[str]:
     out = slurm("squeue", "--noheader", "-u", user, "-n", name, "-o", "%i", check=False).stdout
     return out.split()

@@ -7,7 +7,7 @@ does not end it. The one requirement this makes on compute nodes is ``python3`` 
 the job's ``PATH`` (stated in ``docs/admin.md``); the first session on a node without it
 fails in one line: ``INSTANCE_FAILED: the session agent needs python3 >= 3.9 ...``.
 
-* :func:`start_snippet` (bash, run by the start script right after the instance started):
+* :func:`start_snippet` (bash, run by the start script before the instance starts):
   writes the agent into a private ``mktemp -d`` directory on the node and starts ``serve``;
   :func:`await_snippet` (before ``INSTANCE_READY``, after the instance is listed) waits
   (bounded) until it accepts and has written its status file, whose ``dir`` field tells the
@@ -91,8 +91,9 @@ def serve_argv(config: Config, status: Path) -> list[str]:
 
 
 def start_snippet(config: Config, status: Path) -> str:
-    """Bash for the start script right after the instance started (its ``after_start``): write
-    the agent and launch it in the background, so its start overlaps the instance's listing;
+    """Bash for the start script before the instance starts (its ``before_start``): write the
+    agent and launch it in the background, so its start overlaps ``apptainer instance start``
+    (it needs the instance only when a login asks for a shell, after ``INSTANCE_READY``);
     :func:`await_snippet` then waits for it. Uses the script's ``fail`` function."""
     q = shlex.quote
     options = " ".join(q(a) for a in serve_argv(config, status))

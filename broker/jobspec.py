@@ -106,8 +106,8 @@ def build(config: Config, user: User, project: str, image: str, image_digest: st
     status = agentlaunch.status_path(shared, instance)
     exec_args = profiles.with_profile(with_hostname(exec_args, config.hostname), profile)
     script = render_instance_start_script(exec_args, username, project, instance,
-                                          before_start=profiles.gpu_env_snippet() if profile.gpu else "",
-                                          after_start=agentlaunch.start_snippet(config, status),
+                                          before_start=(profiles.gpu_env_snippet() if profile.gpu else "")
+                                          + agentlaunch.start_snippet(config, status),
                                           before_ready=agentlaunch.await_snippet(),
                                           keepalive=agentlaunch.keepalive_snippet(),
                                           at_exit=agentlaunch.exit_snippet())
