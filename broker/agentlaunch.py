@@ -25,6 +25,7 @@ Everything here is computed from server-side config, validated ids and the statu
 from __future__ import annotations
 
 import functools
+import json
 import re
 import shlex
 from collections.abc import Sequence
@@ -90,13 +91,14 @@ def serve_argv(config: Config, status: Path) -> list[str]:
             "--spare", "1" if config.spare_shell else "0"]
 
 
-def start_snippet(config: Config, status: Path) -> str:
+def start_snippet(config: Config, status: Path, first_shell: tuple[list[str], str] | None = None) -> str:
     """Bash for the start script before the instance starts (its ``before_start``): write the
     agent and launch it in the background, so its start overlaps ``apptainer instance start``
     (it needs the instance only when a login asks for a shell, after ``INSTANCE_READY``);
     :func:`await_snippet` then waits for it. Uses the script's ``fail`` function."""
     q = shlex.quote
-    options = " ".join(q(a) for a in serve_argv(config, status))
+    first = ["--first-shell", json.dumps(first_shell[0]), "--first-term", first_shell[1]] if first_shell else []
+    options = " ".join(q(a) for a in [*serve_argv(config, status), *first])
     return f"""\
 # The session agent holds the shells' ptys in this step (see broker.agentlaunch).
 agent_status={q(str(status))}
@@ -135,6 +137,7 @@ until [ -S "$agent_dir/agent.sock" ] && [ -s "$agent_status" ]; do
     fi
     sleep 0.02
 done
+kill -USR1 "$agent_pid" 2>/dev/null  # the instance is up: the agent may start the first login's shell
 """
 
 

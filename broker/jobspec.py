@@ -25,6 +25,7 @@ from .container.apptainer import build_exec_args, build_sbatch_command
 from .container.apptainer._builders import with_hostname
 from .container.apptainer._start_script import render_instance_start_script
 from .identity import User
+from .shells import instance_shell_argv, safe_term
 from .slurm.parse import format_comment
 
 
@@ -86,7 +87,8 @@ def log_path(config: Config, user: User, instance: str) -> Path:
 
 
 def build(config: Config, user: User, project: str, image: str, image_digest: str,
-          token: str | None = None, profile: profiles.Profile | None = None) -> JobSpec:
+          token: str | None = None, profile: profiles.Profile | None = None,
+          first_term: str | None = None) -> JobSpec:
     """The job of a new session of ``project`` sized by ``profile`` (default: the config's
     default profile): its resources, account, container flags and image come from it."""
     username = v.validate_username(user.name)
@@ -104,10 +106,13 @@ def build(config: Config, user: User, project: str, image: str, image_digest: st
     )
     shared = job_dir(config, user)
     status = agentlaunch.status_path(shared, instance)
+    # The first login's shell, exactly as its attach will ask for it (broker.attach.exec_spec).
+    first_shell = ((instance_shell_argv(instance, username, project, first_term), safe_term(first_term))
+                   if first_term is not None else None)
     exec_args = profiles.with_profile(with_hostname(exec_args, config.hostname), profile)
     script = render_instance_start_script(exec_args, username, project, instance,
                                           before_start=(profiles.gpu_env_snippet() if profile.gpu else "")
-                                          + agentlaunch.start_snippet(config, status),
+                                          + agentlaunch.start_snippet(config, status, first_shell),
                                           before_ready=agentlaunch.await_snippet(),
                                           keepalive=agentlaunch.keepalive_snippet(),
                                           at_exit=agentlaunch.exit_snippet())

@@ -45,6 +45,10 @@ from .store import Store
 MARKER_READY = "INSTANCE_READY"
 MARKER_FAILED = "INSTANCE_FAILED"
 READ_INTERVAL = 0.02
+#: For STARTING_FAST seconds after its job started running, a session's log is read every
+#: READ_INTERVAL_STARTING: the marker is due then, and each read is a few microseconds.
+READ_INTERVAL_STARTING = 0.005
+STARTING_FAST = 5.0
 #: A job still queued after QUEUED_FAST seconds has its log read every QUEUED_INTERVAL only: no
 #: marker can be there before it runs, and 20 ms per pending session is most of a core with
 #: a couple of hundred queued (the poller moves it to STARTING, and back to READ_INTERVAL, once
@@ -121,6 +125,8 @@ class Manager:
         self._converge: dict[str, str] = {}
         #: Sessions whose ready job SLURM showed COMPLETING: ending, unless it comes back (requeue).
         self._completing: set[str] = set()
+        #: The TERM of the interactive login that created each session not yet submitted.
+        self._first_term: dict[str, str] = {}
         #: Immediate sessions' jobs seen running without their agent step, since when (broker.launch).
         self._stepless: dict[str, float] = {}
         self._scan: tuple[float, dict[str, JobInfo]] | None = None
@@ -216,13 +222,16 @@ class Manager:
     async def ensure(self, user: User, project: str,
                      listener: Callable[[dict[str, Any]], None] | None = None, *,
                      profile: str | None = None, mismatch: str = "refuse", token: object = None,
-                     ask: Callable[[dict[str, Any]], Awaitable[str | None]] | None = None) -> Session:
+                     ask: Callable[[dict[str, Any]], Awaitable[str | None]] | None = None,
+                     first_term: str | None = None) -> Session:
         """Return the ready session for ``(user, project)``, creating it exactly once.
 
         ``profile`` is the name the login asked for (None: whatever runs, else the default).
         When the live session runs another profile, ``mismatch`` decides: ``refuse`` (a
         :class:`SessionError` ``profile_mismatch`` naming the live one), ``keep`` (use the
-        live one) or ``replace`` (end it, as the user asked, and start the one asked for)."""
+        live one) or ``replace`` (end it, as the user asked, and start the one asked for).
+        ``first_term``: the TERM of an interactive login; a session it creates has its agent start
+        that login's shell as soon as the instance is up (the prompt is there when it attaches)."""
         jobspec.check_project(self.config, project)
         if mismatch not in ("refuse", "keep", "replace"):
             raise SessionError("invalid", "mismatch: must be refuse, keep or replace")
@@ -260,6 +269,8 @@ class Manager:
                     self._made_by[session.id] = token
                 if ask is not None:
                     self._askers[session.id] = ask
+                if first_term is not None and self.config.spare_shell:
+                    self._first_term[session.id] = first_term
                 self._track(session)
                 self.store.save(session)
                 self.log.info("session_state", session=session.id, user=user.name, project=project,
@@ -330,8 +341,11 @@ class Manager:
         return task
 
     async def _bring_up(self, session: Session, user: User) -> Session:
-        if session.state == State.REQUESTED and not await self._join_existing(session, user):
-            await self._submit(session, user)
+        try:
+            if session.state == State.REQUESTED and not await self._join_existing(session, user):
+                await self._submit(session, user)
+        finally:
+            self._first_term.pop(session.id, None)  # a hint for this submission only
         await self._await_ready(session, user)
         return session
 
@@ -347,7 +361,8 @@ class Manager:
             self._fail(session, f"image {profile.image} is not usable: {exc.strerror or exc}")
             raise SessionError("image", session.reason) from None
         try:
-            spec = jobspec.build(self.config, user, session.project, str(image), digest, profile=profile)
+            spec = jobspec.build(self.config, user, session.project, str(image), digest, profile=profile,
+                                 first_term=self._first_term.pop(session.id, None))
         except ValueError as exc:
             self._fail(session, str(exc))
             raise SessionError("invalid", session.reason) from None
@@ -701,7 +716,9 @@ class Manager:
                 probed = True
                 self._spawn(self._probe_node_local(session, user))
             queued = session.state in (State.SUBMITTED, State.PENDING) and now - session.submitted_at > QUEUED_FAST
-            await asyncio.sleep(QUEUED_INTERVAL if queued else READ_INTERVAL)
+            # A job that just started has its marker a few hundred ms away: a user waits for it.
+            starting = session.state == State.STARTING and now - (session.running_at or now) < STARTING_FAST
+            await asyncio.sleep(QUEUED_INTERVAL if queued else READ_INTERVAL_STARTING if starting else READ_INTERVAL)
 
     async def _probe_node_local(self, session: Session, user: User) -> None:
         """Ask the job's node (``srun --overlap``, as the user) whether the job's output is

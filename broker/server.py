@@ -255,7 +255,8 @@ class Server:
 
         task = asyncio.ensure_future(self.manager.ensure(conn.user, project, queue.put_nowait, profile=profile,
                                                          mismatch=mismatch, token=token,
-                                                         ask=question if ask else None))
+                                                         ask=question if ask else None,
+                                                         first_term=_first_term(message.get("attach"))))
         # While it waits, the login may say {"type": "cancel"} (^C) or answer a question; its
         # leaving says nothing (the session goes on).
         incoming = asyncio.ensure_future(conn.read_json())
@@ -446,3 +447,12 @@ def bind_unix(path: Path, field: str, *, umask: int) -> socket.socket:
 
 
 __all__ = ["Connection", "Server", "State"]
+
+
+def _first_term(attach: object) -> str | None:
+    """The TERM of an interactive login that may create a session: its new agent starts that
+    login's shell as soon as the instance is up (a hint only; the attach checks it again)."""
+    if not isinstance(attach, dict) or attach.get("tty", True) is not True or attach.get("mode", "write") != "write":
+        return None
+    term = attach.get("term", "")
+    return term[:64] if isinstance(term, str) else None

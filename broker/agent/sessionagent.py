@@ -224,11 +224,15 @@ class Agent:
     def __init__(self, directory: str, *, status_path: str = "", grace: float = 600.0,
                  scrollback: int = 64 * 1024, max_shells: int = 64, max_detached: int = 8,
                  walltime_marks: tuple[int, ...] = (), job_id: str = "", listen: str = "",
-                 key_path: str = "", max_commands: int = 128, spare: bool = False) -> None:
+                 key_path: str = "", max_commands: int = 128, spare: bool = False,
+                 first_shell: tuple[list[str], str] | None = None) -> None:
         _serve_imports()
         self.directory = directory
         self.spare_enabled = spare
         self.spare: Shell | None = None
+        #: The shell of the login that created the session, started when the start script says
+        #: the instance is up (SIGUSR1): its prompt is there when that login attaches.
+        self.first_shell = first_shell if spare else None
         self.listen = listen
         self.key_path = key_path
         self.streams: Streams | None = None
@@ -276,6 +280,7 @@ class Agent:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             self.loop.add_signal_handler(signum, self.stopping.set)
         self.loop.add_signal_handler(signal.SIGCHLD, self._reap)
+        self.loop.add_signal_handler(signal.SIGUSR1, self._instance_up)
         self._write_status()  # the status (with the port) exists before the socket says "ready"
         os.replace(staging, path)  # the socket appears only once it accepts: the batch script waits for it
         log("agent_started", pid=os.getpid(), socket=path, grace=self.grace, max_shells=self.max_shells,
@@ -413,6 +418,12 @@ class Agent:
         spare.spare = False
         log("spare_taken", shell=spare.id)
         return spare
+
+    def _instance_up(self) -> None:
+        """The start script listed the instance: start the first login's shell (once)."""
+        first, self.first_shell = self.first_shell, None
+        if first is not None:
+            self._start_spare(*first)
 
     def _schedule_spare(self, argv: list[str], term: str) -> None:
         if self.spare_enabled and self.spare is None:
@@ -1308,6 +1319,17 @@ def status_main(op: str = "status") -> int:
 
 # --------------------------------------------------------------------------- command line
 
+def _first_shell(argv_json: str, term: str) -> tuple[list[str], str] | None:
+    """``--first-shell`` (a JSON list of strings) and ``--first-term``, or None."""
+    try:
+        argv = json.loads(argv_json) if argv_json else None
+    except ValueError:
+        return None
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        return None
+    return argv, term[:64]
+
+
 def _options(args: list[str]) -> tuple[dict[str, str], list[str]]:
     """``--name value`` pairs up to ``--``; the rest is the shell's argv."""
     opts: dict[str, str] = {}
@@ -1338,7 +1360,8 @@ def main(argv: list[str] | None = None) -> int:
                           max_detached=int(opts.get("max-detached", "8")), walltime_marks=marks,
                           job_id=opts.get("job", ""), listen=opts.get("listen", ""),
                           key_path=opts.get("key", ""), max_commands=int(opts.get("max-commands", "128")),
-                          spare=opts.get("spare", "0") == "1")
+                          spare=opts.get("spare", "0") == "1",
+                          first_shell=_first_shell(opts.get("first-shell", ""), opts.get("first-term", "")))
 
         async def serve() -> int:
             return await Agent(opts.get("dir") or os.path.dirname(os.path.abspath(__file__)), **agent_args).run()

@@ -6,13 +6,16 @@ to learn the instance's fate, so its markers are an interface, not a detail.
 Marker contract (stdout, each on its own line, nothing else is printed to stdout):
 
 ``INSTANCE_READY``
-    ``apptainer instance start`` succeeded *and* the instance was found by exact name in
-    ``apptainer instance list --json``.  Printed at most once.
+    ``apptainer instance start`` succeeded (and the caller's ``before_ready`` is done).
+    Printed at most once. Right after it the instance is looked for by exact name in
+    ``apptainer instance list --json`` (``READY_CHECKS`` tries, 1 s apart): a user is
+    waiting for the marker, and the listing is a process of its own.
 ``INSTANCE_FAILED: <reason>``
     Printed at most once, on every failure path: start failed (reason has the exit code
-    and apptainer's last stderr line), the instance never showed up, a signal arrived
-    before ready, or ``instance list`` failed ``MAX_LIST_FAILURES`` times in a row after
-    ready (then it follows ``INSTANCE_READY``).  Always a single line.
+    and apptainer's last stderr line), a signal arrived before ready, and, after
+    ``INSTANCE_READY``: the instance never showed up in the list under its exact name, or
+    ``instance list`` failed (``READY_CHECKS`` times right after the start, or
+    ``MAX_LIST_FAILURES`` times in a row later).  Always a single line.
 ``INSTANCE_STOPPED``
     Always the last line, on every path: the script is ending and has stopped the instance
     it started (exactly one ``apptainer instance stop NAME`` from the EXIT trap, skipped
@@ -163,7 +166,12 @@ if [ "$rc" != 0 ]; then
     fail "apptainer instance start exited with status $rc: $(last_error)"
 fi
 @AFTER_START@
+@BEFORE_READY@
+ready=1
+echo INSTANCE_READY
 
+# Ready as soon as the start succeeded: a user is waiting, and 'instance list' costs a process.
+# The instance must then be listed under exactly its name (B3), or INSTANCE_FAILED follows.
 checks=0
 until instance_listed; do
     checks=$((checks + 1))
@@ -176,9 +184,6 @@ until instance_listed; do
     fi
     pause 1
 done
-@BEFORE_READY@
-ready=1
-echo INSTANCE_READY
 
 # Keep the allocation open while the instance runs; 'sleep & wait' lets traps fire at once.
 failures=0

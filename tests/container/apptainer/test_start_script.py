@@ -116,7 +116,10 @@ def test_ready_then_instance_goes_away(running, fake_apptainer: FakeApptainer) -
         " --env PATH=/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
         " --home /h/alice:/home/alice --bind /p/proj1:/home/alice/proj/proj1:rw /c/img.sif inst-1"
     ]
-    (fake_apptainer.state / "instances").write_text("")  # someone stopped it
+    # Two listings: the first (the exact-name check right after READY) has surely finished.
+    wait_for(lambda: len([c for c in fake_apptainer.calls() if c.startswith("instance list")]) >= 2, 10,
+             "the listing after READY and the first keep-alive round")
+    (fake_apptainer.state / "instances").write_text("")  # then someone stopped it
     rc, lines = run.finish()
     assert (rc, lines) == (0, ["INSTANCE_READY", "INSTANCE_STOPPED"])
     assert stops(fake_apptainer) == 0
@@ -161,6 +164,9 @@ def test_similar_name_does_not_keep_it_alive(running, fake_apptainer: FakeApptai
     run = running()
     assert run.next_line() == "INSTANCE_READY"
     assert stops(fake_apptainer) == 0  # no stale stop: the similar names are other instances
+    # Two listings: the first (the exact-name check right after READY) has surely finished.
+    wait_for(lambda: len([c for c in fake_apptainer.calls() if c.startswith("instance list")]) >= 2, 10,
+             "the listing after READY and the first keep-alive round")
     (fake_apptainer.state / "instances").write_text("inst-1-old\nxinst-1\n")  # ours is gone
     rc, lines = run.finish()
     assert (rc, lines) == (0, ["INSTANCE_READY", "INSTANCE_STOPPED"])
@@ -172,7 +178,9 @@ def test_similar_name_is_not_mistaken_for_ready(running, fake_apptainer: FakeApp
     fake_apptainer.knob("start_noshow")
     rc, lines = running().finish(timeout=20)
     assert rc == 1
-    assert lines == ["INSTANCE_FAILED: apptainer instance start exited 0 but instance inst-1 is not listed", "INSTANCE_STOPPED"]
+    # Ready when the start succeeded; the exact-name check follows at once and fails it.
+    assert lines == ["INSTANCE_READY", "INSTANCE_FAILED: apptainer instance start exited 0 but instance inst-1 is "
+                     "not listed", "INSTANCE_STOPPED"]
     assert stops(fake_apptainer) == 0
 
 
