@@ -98,6 +98,7 @@ def start_snippet(config: Config, status: Path, first_shell: tuple[list[str], st
     :func:`await_snippet` then waits for it. Uses the script's ``fail`` function."""
     q = shlex.quote
     first = ["--first-shell", json.dumps(first_shell[0]), "--first-term", first_shell[1]] if first_shell else []
+    first += ["--await-instance", "1"]  # a login may attach while the instance starts: SIGUSR1 says it is up
     options = " ".join(q(a) for a in [*serve_argv(config, status), *first])
     return f"""\
 # The session agent holds the shells' ptys in this step (see broker.agentlaunch).

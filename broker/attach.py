@@ -76,9 +76,10 @@ class AttachHub:
     # ------------------------------------------------------------------ the owner's way in
 
     async def exec_spec(self, session: Session, owner: User, *, mode: str, tty: bool, term: str,
-                        announce: str = "") -> dict[str, Any]:
-        """The argv and environment that put a terminal on a shell of ``session``'s agent."""
-        if session.state != State.READY:
+                        announce: str = "", early: bool = False) -> dict[str, Any]:
+        """The argv and environment that put a terminal on a shell of ``session``'s agent
+        (``early``: while it starts too; its agent holds the shell until the instance is up)."""
+        if session.state != State.READY and not (early and session.state == State.STARTING and session.job_id):
             raise SessionError("not_ready", f"session: {session.user}/{session.project} is {session.state.value}, "
                                             "not ready")
         status = await self.agents.locate(session)
@@ -92,10 +93,11 @@ class AttachHub:
                            announce=announce)
         return {"argv": argv, "env": self.manager.runner.env(owner, {"TERM": safe_term(term)})}
 
-    async def login_exec(self, conn: Connection, session: Session, request: dict[str, Any]) -> dict[str, Any]:
+    async def login_exec(self, conn: Connection, session: Session, request: dict[str, Any],
+                         early: bool = False) -> dict[str, Any]:
         """``ensure`` with ``attach``: the login's own interactive shell (always the owner's)."""
         mode, _, tty, term = _attach_fields(request)
-        spec = await self.exec_spec(session, conn.user, mode=mode, tty=tty, term=term)
+        spec = await self.exec_spec(session, conn.user, mode=mode, tty=tty, term=term, early=early)
         self._record("attach", session, conn, mode)
         return spec
 

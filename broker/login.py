@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         fields.update(command=command, tty=has_tty, term=term)
     else:
         fields["attach"] = {"mode": "write", "tty": has_tty, "term": term}
+        fields["early"] = True  # the terminal may start while the session's instance starts
         if has_tty:
             fields["ask"] = True  # at a busy partition's forecast: go on, another profile, or cancel
     try:
@@ -178,9 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokerError as exc:
         sys.stderr.write(f"sbroker: {exc.message}\n")
         return 1
+    early = Early(progress)
     try:
-        result = client.request("ensure", on_progress=progress, on_question=_ask_busy(progress), **fields)
+        result = client.request("ensure", on_progress=early, on_question=_ask_busy(progress), **fields)
     except KeyboardInterrupt:  # ^C while waiting: the broker cancels what this login submitted
+        early.abandon()
         progress.done()
         from .loginprompt import cancel_wait
 
@@ -189,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokerError as exc:
         client.close()
+        early.abandon()
         progress.done()
         if exc.code == "profile_mismatch" and command is None and has_tty:
             from .loginprompt import retry_after_mismatch
@@ -203,7 +207,65 @@ def main(argv: list[str] | None = None) -> int:
 
         spec = result["direct"]
         return direct.run(spec["host"], spec["port"], spec["key"], spec["argv"])
+    if early.started is not None:
+        from .srunexec import finish_command
+
+        return finish_command(*early.started)
     return run_exec(result["exec"])
+
+
+class Early:
+    """Progress events of an ``ensure``, and the one that starts the terminal early: the broker
+    sends ``early`` (the attach argv) once the new session's agent is up, while its instance
+    still starts; the agent holds the shell until the instance is up. The ``srun`` launch then
+    overlaps the instance's start instead of following it."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.started: tuple[int, int] | None = None
+        self.saved: list | None = None
+
+    def __call__(self, event: dict[str, object]) -> None:
+        spec = event.get("early")
+        if self.started is not None:
+            return  # the terminal is srun's now: no more progress lines on it
+        if not isinstance(spec, dict):
+            self.progress(event)
+            return
+        from .srunexec import start_command
+
+        self.progress.done()
+        if os.isatty(0):
+            import termios
+
+            self.saved = termios.tcgetattr(0)  # srun --pty makes the terminal raw
+        argv, env = spec["argv"], spec["env"]
+        started = start_command(_which(argv[0], env.get("PATH", "/usr/bin:/bin")), argv, env)
+        if not isinstance(started, int):
+            self.started = started
+
+    def abandon(self) -> None:
+        """The session failed after all: end the early terminal before saying why."""
+        if self.started is None:
+            return
+        import signal
+
+        from .srunexec import finish_command
+
+        pid, _ = self.started
+        try:
+            os.kill(pid, signal.SIGKILL)  # srun's own SIGHUP/SIGTERM handling prints step noise
+        except ProcessLookupError:
+            pass
+        finish_command(*self.started)
+        self.started = None
+        if self.saved is not None:
+            import termios
+
+            try:
+                termios.tcsetattr(0, termios.TCSADRAIN, self.saved)
+            except termios.error:
+                pass
 
 
 def builtin(words: list[str], project: str | None, socket_path: str = DEFAULT_SOCKET,

@@ -29,7 +29,7 @@ from typing import Any
 
 import anyio
 
-from . import images, jobspec, launch, profiles, queue, userfs
+from . import agentlaunch, images, jobspec, launch, profiles, queue, userfs
 from . import limits
 from . import log as _log
 from .audit import Audit
@@ -428,6 +428,8 @@ class Manager:
         session.job_id, session.launch = job_id, "immediate"
         session.submitted_at = time.time()
         self.transition(session, State.SUBMITTED, f"job {job_id} allocated at once (immediate launch)")
+        session.running_at = time.time()  # granted means running: its step starts now
+        self.transition(session, State.STARTING, "allocation granted")
         self.audit.record("session_started", user=session.user, project=session.project, session=session.id,
                           job_id=job_id, instance=session.instance, image=session.image,
                           digest=session.image_digest, profile=session.profile, launch="immediate")
@@ -683,6 +685,7 @@ class Manager:
         """Watch the job log and the job state until ready, failed or a timeout."""
         reader = _MarkerReader(user, session.log_path) if session.log_path else None
         probed = False
+        agent_up = False
         while True:
             if session.log_path and (reader is None or reader.path != session.log_path):
                 reader, probed = _MarkerReader(user, session.log_path), False  # moved to the winning job
@@ -700,6 +703,11 @@ class Manager:
                     continue
                 await self._cancel_failed(session, f"instance failed to start: {detail or 'no reason given'}")
                 continue
+            if not agent_up and session.state == State.STARTING and self._listeners.get(session.id):
+                agent_up = await anyio.to_thread.run_sync(userfs.exists, user, agent_status_of(session))
+                if agent_up:  # an interactive login may start its terminal now (broker.server, "early")
+                    self._notify(session, {"type": "progress", "state": session.state.value, "session": session.id,
+                                           "agent_up": True})
             now = time.time()
             cfg = self.config
             if session.state in (State.SUBMITTED, State.PENDING) and now - session.submitted_at > cfg.pending_timeout:
@@ -1277,6 +1285,11 @@ def _reason_class(reason: str) -> str:
     """A short label for metrics: the reason up to its first colon or parenthesis."""
     head = reason.split(":", 1)[0].split("(", 1)[0].strip()
     return head[:40] or "unknown"
+
+
+def agent_status_of(session: Session) -> str:
+    """The session agent's status file: beside the job's log (``slurm.job_dir``)."""
+    return str(agentlaunch.status_path(Path(session.log_path).parent, session.instance))
 
 
 def holder_log(spec: jobspec.JobSpec) -> Path:

@@ -97,7 +97,7 @@ class Server:
         self.refreshers: list[Callable[[list[Session]], Awaitable[None]]] = []
         #: ``ensure`` with ``attach``: the argv and environment of the login's terminal
         #: (:class:`broker.attach.AttachHub`).
-        self.attach_exec: Callable[[Connection, Session, dict[str, Any]], Awaitable[dict[str, Any]]] | None = None
+        self.attach_exec: Callable[..., Awaitable[dict[str, Any]]] | None = None
         #: ``ensure`` with a command and no terminal: where the session agent's direct stream is
         #: (:class:`broker.attach.AttachHub`), or None to run it through ``srun``.
         self.direct_stream: Callable[..., Awaitable[dict[str, Any] | None]] | None = None
@@ -259,13 +259,22 @@ class Server:
                                                          first_term=_first_term(message.get("attach"))))
         # While it waits, the login may say {"type": "cancel"} (^C) or answer a question; its
         # leaving says nothing (the session goes on).
+        # An interactive login that can start its terminal while the instance starts (Early in
+        # broker.login): it gets the attach argv as soon as a new session's agent is up.
+        early = attach if message.get("early") is True and attach is not None else None
+        early_sent = False
         incoming = asyncio.ensure_future(conn.read_json())
         try:
             while not task.done():
                 getter = asyncio.ensure_future(queue.get())
                 done, _ = await asyncio.wait({task, getter, incoming}, return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
-                    await conn.send(getter.result())
+                    event = getter.result()
+                    if early is not None and event.get("agent_up") and not early_sent:
+                        early_sent = await self._early_exec(conn, project, early, event)
+                        if early_sent:
+                            continue
+                    await conn.send(event)
                 else:
                     getter.cancel()
                 if incoming in done and not task.done():
@@ -314,11 +323,28 @@ class Server:
             argv = command_argv(session.job_id, session.instance, session.user, session.project, command,
                                 tty=tty, term=term)
             reply["exec"] = {"argv": argv, "env": self.manager.runner.env(conn.user, {"TERM": safe_term(term)})}
+        elif attach is not None and early_sent:
+            reply["early"] = True  # its terminal runs already
         elif attach is not None:  # interactive login: the argv of its terminal, in the same reply
             if self.attach_exec is None:
                 raise SessionError("unsupported", "attach: this broker has no terminal support loaded")
             reply["exec"] = await self.attach_exec(conn, session, attach)
         await conn.send(reply)
+
+    async def _early_exec(self, conn: Connection, project: str, attach: dict[str, Any],
+                          event: dict[str, Any]) -> bool:
+        """Send the login its terminal's argv before the session is ready (its agent is up and
+        holds the shell until the instance is); False when it cannot be had yet."""
+        session = self.manager.current(conn.user.name, project)
+        if session is None or self.attach_exec is None or session.id != event.get("session"):
+            return False
+        try:
+            spec = await self.attach_exec(conn, session, attach, early=True)
+        except SessionError:
+            return False
+        await conn.send({**event, "early": spec})
+        self.log.info("early_attach", session=session.id, user=session.user, state=session.state.value)
+        return True
 
     @staticmethod
     def _answer(incoming: asyncio.Future[dict[str, Any]]) -> str | None:

@@ -66,6 +66,14 @@ def run_command(path: str, argv: list[str], env: dict[str, str]) -> int:
     process); only stderr passes through :class:`StderrFilter`. SIGHUP and SIGTERM
     (sshd hanging up) are passed on to srun, which then cancels the step.
     """
+    started = start_command(path, argv, env)
+    return started if isinstance(started, int) else finish_command(*started)
+
+
+def start_command(path: str, argv: list[str], env: dict[str, str]) -> tuple[int, int] | int:
+    """The first half of :func:`run_command`: ``(pid, stderr_fd)`` of the started ``srun``, or
+    its exit status when it could not start. A login that starts its terminal while the broker
+    still finishes the session (an early attach) calls :func:`finish_command` later."""
     try:
         read_fd, write_fd = os.pipe()
     except OSError as exc:
@@ -107,6 +115,11 @@ def run_command(path: str, argv: list[str], env: dict[str, str]) -> int:
     os.close(status_r)
     if failure:
         sys.stderr.write(f"sbroker: cannot run {argv[0]}: {failure.decode(errors='replace')}\n")
+    return pid, read_fd
+
+
+def finish_command(pid: int, read_fd: int) -> int:
+    """Relay the started ``srun``'s stderr until it closes, reap it, return its exit status."""
     _relay_stderr(read_fd, StderrFilter())
     os.close(read_fd)
     while True:

@@ -79,6 +79,8 @@ SIGNAL_KEYS = {"INT": b"\x03", "QUIT": b"\x1c"}
 #: minutes; attach and detach are written at once).
 STATUS_INPUT_INTERVAL = 15.0
 FIRST_MESSAGE_TIMEOUT = 30.0
+#: How long a login that attached while the instance was starting waits for it (``--await-instance``).
+INSTANCE_WAIT = 600.0
 #: A spare shell (``--spare 1``) is started this long after a login took one, and replaced
 #: when older than SPARE_MAX_AGE or when a dotfile changed since it started.
 SPARE_DELAY = 1.0
@@ -225,7 +227,7 @@ class Agent:
                  scrollback: int = 64 * 1024, max_shells: int = 64, max_detached: int = 8,
                  walltime_marks: tuple[int, ...] = (), job_id: str = "", listen: str = "",
                  key_path: str = "", max_commands: int = 128, spare: bool = False,
-                 first_shell: tuple[list[str], str] | None = None) -> None:
+                 first_shell: tuple[list[str], str] | None = None, await_instance: bool = False) -> None:
         _serve_imports()
         self.directory = directory
         self.spare_enabled = spare
@@ -233,6 +235,11 @@ class Agent:
         #: The shell of the login that created the session, started when the start script says
         #: the instance is up (SIGUSR1): its prompt is there when that login attaches.
         self.first_shell = first_shell if spare else None
+        #: Set when the instance is up (SIGUSR1 from the start script, ``--await-instance 1``): a
+        #: login that attached early, while it started, gets its shell then.
+        self.instance_up = asyncio.Event()
+        if not await_instance:
+            self.instance_up.set()
         self.listen = listen
         self.key_path = key_path
         self.streams: Streams | None = None
@@ -338,6 +345,10 @@ class Agent:
         if mode not in ("write", "observe"):
             await conn.send({"type": "error", "message": "mode: must be write or observe"})
             return
+        if not self.instance_up.is_set() and not await self._await_instance():
+            await conn.send({"type": "error", "message": "session: its instance did not start (see the login's "
+                                                         "next line, or `sbroker logs`)"})
+            return
         rows, cols = _size(message)
         fresh = False
         if mode == "observe":
@@ -419,11 +430,24 @@ class Agent:
         log("spare_taken", shell=spare.id)
         return spare
 
+    async def _await_instance(self) -> bool:
+        """Hold an early login until the instance is up (bounded by INSTANCE_WAIT); False when
+        the agent stops first (the start failed) or the bound passed."""
+        stop = asyncio.ensure_future(self.stopping.wait())
+        up = asyncio.ensure_future(self.instance_up.wait())
+        try:
+            await asyncio.wait({stop, up}, timeout=INSTANCE_WAIT, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            up.cancel()
+        return self.instance_up.is_set() and not self.stopping.is_set()
+
     def _instance_up(self) -> None:
         """The start script listed the instance: start the first login's shell (once)."""
         first, self.first_shell = self.first_shell, None
         if first is not None:
             self._start_spare(*first)
+        self.instance_up.set()
 
     def _schedule_spare(self, argv: list[str], term: str) -> None:
         if self.spare_enabled and self.spare is None:
@@ -1361,7 +1385,8 @@ def main(argv: list[str] | None = None) -> int:
                           job_id=opts.get("job", ""), listen=opts.get("listen", ""),
                           key_path=opts.get("key", ""), max_commands=int(opts.get("max-commands", "128")),
                           spare=opts.get("spare", "0") == "1",
-                          first_shell=_first_shell(opts.get("first-shell", ""), opts.get("first-term", "")))
+                          first_shell=_first_shell(opts.get("first-shell", ""), opts.get("first-term", "")),
+                          await_instance=opts.get("await-instance", "0") == "1")
 
         async def serve() -> int:
             return await Agent(opts.get("dir") or os.path.dirname(os.path.abspath(__file__)), **agent_args).run()

@@ -28,7 +28,7 @@ from tests.cluster import config as tb
 from tests.cluster import harness
 from tests.fault.conftest import store_rows
 from tests.integration.conftest import jobs_of, sbroker, sbroker_json
-from tests.integration.daemon import LOG_PATH, BrokerProcess, cancel_all_test_jobs, reset_state
+from tests.integration.daemon import LOG_PATH, BrokerProcess, cancel_all_test_jobs, reset_state, wait_no_jobs
 from tests.waiting import wait_for
 
 from .conftest import ALICE, BOB, PROMPT_RE, ssh
@@ -180,6 +180,8 @@ def test_a_lost_holder_leaves_the_session_running_and_a_step_that_ends_without_i
 
 def test_a_busy_partition_queues_the_session_as_a_batch_job(immediate_broker):
     # Bob holds every CPU of the partition: an immediate allocation cannot be granted now.
+    cancel_all_test_jobs()  # the module's earlier sessions hold CPUs a 64-CPU job needs
+    wait_no_jobs()
     hogs = []
     for _ in tb.NODES:
         hog = subprocess.run(tb.as_user(BOB, "sbatch", "--parsable", "--chdir=/tmp", "--output=/dev/null",
