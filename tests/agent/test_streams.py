@@ -54,6 +54,34 @@ def test_a_download_is_byte_identical(streaming, tmp_path):
     assert out.returncode == 0 and out.stdout == blob.read_bytes()
 
 
+def test_a_socketpair_for_stdin_and_stdout_carries_a_conversation_both_ways(streaming):
+    """sshd built without pipes gives the command one socketpair as fds 0 and 1: no splice, so
+    read/write, in the same loop as the other direction. A request/reply exchange (as sftp's)
+    must go on to the end, byte-exact, with nothing waiting in a read that blocks the other way."""
+    status = streaming.status_file()
+    code = ("import sys; from broker import direct; "
+            f"sys.exit(direct.run('127.0.0.1', {status['port']}, {str(streaming.key)!r}, ['cat']))")
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdin=theirs, stdout=theirs, cwd=REPO,
+                                env={**os.environ, "PYTHONPATH": str(REPO)})
+        theirs.close()
+        ours.settimeout(TIMEOUT)
+        try:
+            for size in (1, 100, 70000, 5, 1 << 20):
+                message = os.urandom(size)
+                ours.sendall(message)
+                echoed = b""
+                while len(echoed) < size:
+                    echoed += ours.recv(1 << 20)
+                assert echoed == message
+            ours.shutdown(socket.SHUT_WR)
+            assert proc.wait(TIMEOUT) == 0
+        finally:
+            proc.kill()
+            proc.wait()
+
+
 def test_the_key_file_is_the_users_alone(streaming):
     assert oct(os.stat(streaming.key).st_mode & 0o777) == "0o600"
 
