@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         if exc.code == "profile_mismatch" and command is None and has_tty:
             from .loginprompt import retry_after_mismatch
 
+            fields.pop("early", None)  # the retry waits for its session the plain way
             return retry_after_mismatch(path, exc.message, fields, progress, run_exec)
         sys.stderr.write(f"sbroker: {exc.message}\n")
         return 1
