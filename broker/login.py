@@ -208,10 +208,11 @@ def main(argv: list[str] | None = None) -> int:
 
         spec = result["direct"]
         return direct.run(spec["host"], spec["port"], spec["key"], spec["argv"])
-    if early.started is not None:
+    if early.started is not None and "exec" not in result:
         from .srunexec import finish_command
 
         return finish_command(*early.started)
+    early.abandon()  # the session moved to another job (two login nodes raced): that one's terminal
     return run_exec(result["exec"])
 
 

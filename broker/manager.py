@@ -436,19 +436,30 @@ class Manager:
         kind = launch.choose_holder(self.config.holder)
         argv = launch.holder_argv(kind, job_id, str(spec.log_path), uid=user.uid, gid=user.gid,
                                   stdin_path=str(spec.script_path))
-        try:
-            await self.runner.detach(argv, user=user if kind == "setsid" else None,
-                                     stdin_path=str(spec.script_path), output_path=str(holder_log(spec)),
-                                     extra_env={"SBROKER_JOB_ID": job_id})
-        except (SlurmError, OSError) as exc:
+        # Two login nodes may allocate for one key at the same moment (no singleton here): a
+        # fresh scan, while the holder starts, finds an older job of the key (job ids grow with
+        # time, so the one allocated first is older on every node) before this one is ready.
+        held, jobs = await asyncio.gather(
+            self.runner.detach(argv, user=user if kind == "setsid" else None, stdin_path=str(spec.script_path),
+                               output_path=str(holder_log(spec)), extra_env={"SBROKER_JOB_ID": job_id}),
+            self.scan(max_age=0.0), return_exceptions=True)
+        if isinstance(held, BaseException):
             await self._cancel_failed(session, f"the session's agent step could not be started ({kind}):"
-                                               f" {getattr(exc, 'reason', None) or exc}")
+                                               f" {getattr(held, 'reason', None) or held}")
             raise SessionError("submit_failed", session.reason) from None
         self.log.info("agent_step_held", session=session.id, user=user.name, job_id=job_id, holder=kind)
-        # Two login nodes may allocate for one key at the same moment (no singleton here): the
-        # older job wins everywhere, off the critical path (before this one is ready, normally).
-        self._converge[session.id] = ""
-        self._wake.set()
+        found = None if isinstance(jobs, BaseException) else self.winner(jobs, user.uid, session.project)
+        if isinstance(jobs, BaseException):
+            self._converge[session.id] = ""  # no evidence now: the next poll looks again
+            self._wake.set()
+        elif found is not None and int(found[0].job_id) < int(job_id):
+            await self._scancel(session)
+            self._point_at(session, user, *found)
+            self.log.warning("duplicate_allocation", user=user.name, project=session.project,
+                             kept=found[0].job_id, cancelled=job_id)
+            self.audit.record("session_joined", user=session.user, project=session.project, session=session.id,
+                              job_id=session.job_id, instance=session.instance, left=job_id)
+            self.apply(session, found[0], time.time())
         return True
 
     async def _forecast(self, session: Session, user: User, spec: jobspec.JobSpec, partition: str) -> str | None:

@@ -262,7 +262,7 @@ class Server:
         # An interactive login that can start its terminal while the instance starts (Early in
         # broker.login): it gets the attach argv as soon as a new session's agent is up.
         early = attach if message.get("early") is True and attach is not None else None
-        early_sent = False
+        early_sent = ""  # the job the early terminal went to
         incoming = asyncio.ensure_future(conn.read_json())
         try:
             while not task.done():
@@ -323,8 +323,10 @@ class Server:
             argv = command_argv(session.job_id, session.instance, session.user, session.project, command,
                                 tty=tty, term=term)
             reply["exec"] = {"argv": argv, "env": self.manager.runner.env(conn.user, {"TERM": safe_term(term)})}
-        elif attach is not None and early_sent:
+        elif attach is not None and early_sent == session.job_id:
             reply["early"] = True  # its terminal runs already
+        elif attach is not None and early_sent:  # the session moved to another login node's job:
+            reply["exec"] = await self.attach_exec(conn, session, attach)  # the login ends the early one
         elif attach is not None:  # interactive login: the argv of its terminal, in the same reply
             if self.attach_exec is None:
                 raise SessionError("unsupported", "attach: this broker has no terminal support loaded")
@@ -332,19 +334,20 @@ class Server:
         await conn.send(reply)
 
     async def _early_exec(self, conn: Connection, project: str, attach: dict[str, Any],
-                          event: dict[str, Any]) -> bool:
+                          event: dict[str, Any]) -> str:
         """Send the login its terminal's argv before the session is ready (its agent is up and
-        holds the shell until the instance is); False when it cannot be had yet."""
+        holds the shell until the instance is); the job it went to, "" when it cannot be had yet."""
         session = self.manager.current(conn.user.name, project)
         if session is None or self.attach_exec is None or session.id != event.get("session"):
-            return False
+            return ""
         try:
             spec = await self.attach_exec(conn, session, attach, early=True)
         except SessionError:
-            return False
+            return ""
         await conn.send({**event, "early": spec})
-        self.log.info("early_attach", session=session.id, user=session.user, state=session.state.value)
-        return True
+        self.log.info("early_attach", session=session.id, user=session.user, state=session.state.value,
+                      job_id=session.job_id)
+        return session.job_id
 
     @staticmethod
     def _answer(incoming: asyncio.Future[dict[str, Any]]) -> str | None:

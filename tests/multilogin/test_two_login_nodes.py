@@ -158,3 +158,52 @@ def events_of(session_id: str, kind: str) -> list[dict]:
     """login1's audit events of ``kind`` for the session, as its administrator reads them."""
     lines = sbroker(tb.ADMIN, "events", "--since", "1h", "--json").stdout.splitlines()
     return [e for e in map(json.loads, lines) if e["event"] == kind and e.get("session") == session_id]
+
+
+@pytest.fixture
+def two_immediate_brokers(cluster):
+    reset_state()
+    reset_login2_state()
+    one, two = BrokerProcess(slurm_launch="immediate"), Login2Broker(slurm_launch="immediate")
+    try:
+        one.start()
+        two.start()
+        yield one, two
+    finally:
+        two.stop()
+        one.stop()
+        reset_login2_state()
+        reset_state()
+
+
+def test_immediate_logins_over_both_login_nodes_converge_on_the_older_allocation(two_immediate_brokers):
+    """No singleton in the immediate mode: each broker may allocate once for the key at the same
+    moment; the newer allocation is cancelled before its session is ready, and every login ends
+    up in the older one."""
+    logins = 20
+    earlier = {j["job_id"] for j in slurm_jobs(ALICE, "rush")}
+    results: list[subprocess.CompletedProcess[str] | BaseException] = [None] * logins  # type: ignore[list-item]
+
+    def login(i: int) -> None:
+        port = tb.SSH_PORT if i % 2 == 0 else tb.LOGIN2_SSH_PORT
+        try:
+            results[i] = ssh(ALICE, "@rush", "echo J=$SLURM_JOB_ID", port=port)
+        except BaseException as exc:
+            results[i] = exc
+    threads = [threading.Thread(target=login, args=(i,)) for i in range(logins)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    failed = [(i, r) for i, r in enumerate(results)
+              if not isinstance(r, subprocess.CompletedProcess) or r.returncode != 0]
+    assert not failed, failed[:3]
+    seen = {r.stdout.strip() for r in results}
+    assert len(seen) == 1, seen
+    job = seen.pop().removeprefix("J=")
+    jobs = [j for j in slurm_jobs(ALICE, "rush") if j["job_id"] not in earlier]
+    assert 1 <= len(jobs) <= 2, jobs  # one allocation per broker at most
+    assert min(str(j["job_id"]) for j in jobs) == job  # the older one is every login's
+    wait_for(lambda: [j["job_state"] for j in slurm_jobs(ALICE, "rush") if j["job_id"] not in earlier
+                      and j["job_state"] not in ("CANCELLED", "COMPLETED")] == ["RUNNING"], 30,
+             "only the older allocation to remain")
