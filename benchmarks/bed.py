@@ -105,20 +105,25 @@ def bench_config() -> Config:
     return parse(tomllib.loads(d.config_text(**BROKER_OVERRIDES)))
 
 
+def _bench_job(user: str, project: str) -> tuple[object, str, jobspec.JobSpec, Path, Path]:
+    """``(user, project, spec, image, log path)`` of a raw job built as the broker builds it, its
+    output in the user's bench directory (shared storage, as the broker's job_dir)."""
+    account = lookup_name(user)
+    cfg = bench_config()
+    image = images.resolve(cfg.image)
+    spec = jobspec.build(cfg, account, project, str(image), images.digest(image))
+    out_dir = Path(account.home) / BENCH_SUBDIR
+    as_user(user, "mkdir", "-p", "-m", "0700", "--", str(out_dir))
+    return account, project, spec, image, out_dir / f"{spec.instance}.log"
+
+
 class RawJob:
     """The broker's start script submitted with plain ``sbatch`` as the user (no broker, no tag)."""
 
     def __init__(self, user: str, project: str) -> None:
-        self.user = lookup_name(user)
-        self.project = project
-        cfg = bench_config()
-        image = images.resolve(cfg.image)
-        spec = jobspec.build(cfg, self.user, project, str(image), images.digest(image))
+        self.user, self.project, spec, image, self.log_path = _bench_job(user, project)
         self.instance = spec.instance
         self.script = spec.script
-        out_dir = Path(self.user.home) / BENCH_SUBDIR
-        as_user(user, "mkdir", "-p", "-m", "0700", "--", str(out_dir))
-        self.log_path = out_dir / f"{spec.instance}.log"
         # What a user without sbroker submits: the same script and resources, no broker tag and
         # no cross-login-node singleton (that is sbroker's own cost), named after the instance.
         self.argv = [a for a in spec.sbatch_argv
@@ -237,15 +242,9 @@ class RawImmediate:
     ``srun --overlap --pty ... instance://`` once the instance is up. Same user, image, flags."""
 
     def __init__(self, user: str, project: str) -> None:
-        self.user = lookup_name(user)
-        self.project = project
-        cfg = bench_config()
-        image = images.resolve(cfg.image)
-        spec = jobspec.build(cfg, self.user, project, str(image), images.digest(image))
+        self.user, self.project, spec, image, self.log_path = _bench_job(user, project)
         self.instance = spec.instance
-        out_dir = Path(self.user.home) / BENCH_SUBDIR
-        as_user(user, "mkdir", "-p", "-m", "0700", "--", str(out_dir), spec.host_project_dir)
-        self.log_path = out_dir / f"{spec.instance}.log"
+        as_user(user, "mkdir", "-p", "--", spec.host_project_dir)
         salloc = [a for a in spec.salloc_argv if not a.startswith(("--comment=", "--job-name="))]
         salloc.append(f"--job-name={spec.instance}")
         exec_args = shell_argv("1", spec.instance, user, project, TERM)

@@ -8,6 +8,9 @@ private tmpfs in that namespace. Each broker has its own log file.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import subprocess
 import sys
 import time
@@ -63,3 +66,19 @@ def sbatch_calls(log_path, offset: int = 0) -> int:
     with open(log_path, "rb") as fh:
         fh.seek(offset)
         return fh.read().count(b'"argv": ["sbatch", "--parsable"]')
+
+
+@contextlib.contextmanager
+def running_both(one: d.BrokerProcess, two: Login2Broker) -> Iterator[tuple[d.BrokerProcess, Login2Broker]]:
+    """login1's and login2's brokers on empty state dirs, stopped and emptied afterwards."""
+    d.reset_state()
+    reset_login2_state()
+    try:
+        one.start()
+        two.start()
+        yield one, two
+    finally:
+        two.stop()
+        one.stop()
+        reset_login2_state()
+        d.reset_state()

@@ -17,9 +17,9 @@ import pytest
 from tests.cluster import config as tb
 from tests.integration.conftest import sbroker_json
 from tests.waiting import wait_for
-from tests.integration.daemon import BrokerProcess, reset_state
+from tests.integration.daemon import BrokerProcess
 
-from .daemons import Login2Broker, reset_login2_state
+from .daemons import Login2Broker, running_both
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -29,18 +29,8 @@ PROMPT = "XLOGIN> "
 
 @pytest.fixture
 def both_logins(cluster):
-    reset_state()
-    reset_login2_state()
-    one, two = BrokerProcess(), Login2Broker()
-    try:
-        one.start()
-        two.start()
-        yield one, two
-    finally:
-        two.stop()
-        one.stop()
-        reset_login2_state()
-        reset_state()
+    with running_both(BrokerProcess(), Login2Broker()) as both:
+        yield both
 
 
 def agent_status() -> dict:

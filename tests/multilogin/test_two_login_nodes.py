@@ -19,10 +19,10 @@ import pytest
 from broker.agents import MAX_AGE as AGENT_STATUS_MAX_AGE
 from tests.cluster import config as tb
 from tests.integration.conftest import ensure_as, jobs_of, sbroker, sbroker_json
-from tests.integration.daemon import LOG_PATH, BrokerProcess, reset_state
+from tests.integration.daemon import LOG_PATH, BrokerProcess
 from tests.waiting import wait_for
 
-from .daemons import LOG2, Login2Broker, reset_login2_state, sbatch_calls, sbroker2
+from .daemons import LOG2, Login2Broker, running_both, sbatch_calls, sbroker2
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -43,21 +43,38 @@ def slurm_jobs(user: str, project: str) -> list[dict]:
                    and j["name"] == f"sbroker-session-{project}"), key=lambda j: j["job_id"])
 
 
+def concurrent_logins(project: str, n: int) -> list[subprocess.CompletedProcess[str] | BaseException]:
+    """``n`` simultaneous ``ssh @project 'echo J=$SLURM_JOB_ID'``, alternating login nodes."""
+    results: list[subprocess.CompletedProcess[str] | BaseException] = [None] * n  # type: ignore[list-item]
+
+    def login(i: int) -> None:
+        port = tb.SSH_PORT if i % 2 == 0 else tb.LOGIN2_SSH_PORT
+        try:
+            results[i] = ssh(ALICE, f"@{project}", "echo J=$SLURM_JOB_ID", port=port)
+        except BaseException as exc:  # a timeout is a result to report, not a thread crash
+            results[i] = exc
+    threads = [threading.Thread(target=login, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def one_job_for_all(results: list[subprocess.CompletedProcess[str] | BaseException]) -> str:
+    """Every login succeeded and ran in the same job: its id."""
+    failed = [(i, r) for i, r in enumerate(results)
+              if not isinstance(r, subprocess.CompletedProcess) or r.returncode != 0]
+    assert not failed, failed[:3]
+    seen = {r.stdout.strip() for r in results}
+    assert len(seen) == 1, seen
+    return seen.pop().removeprefix("J=")
+
+
 @pytest.fixture
 def two_brokers(cluster):
-    reset_state()
-    reset_login2_state()
-    one = BrokerProcess(timeouts_idle=4, timeouts_idle_grace=2)
-    two = Login2Broker()
-    try:
-        one.start()
-        two.start()
-        yield one, two
-    finally:
-        two.stop()
-        one.stop()
-        reset_login2_state()
-        reset_state()
+    with running_both(BrokerProcess(timeouts_idle=4, timeouts_idle_grace=2), Login2Broker()) as both:
+        yield both
 
 
 def test_a_session_made_through_login1_is_listed_attached_and_killed_through_login2(two_brokers):
@@ -86,25 +103,7 @@ def test_a_session_made_through_login1_is_listed_attached_and_killed_through_log
 def test_fifty_first_logins_over_both_login_nodes_make_one_allocation(two_brokers):
     offsets = (LOG_PATH.stat().st_size, LOG2.stat().st_size)
     earlier = {j["job_id"] for j in slurm_jobs(ALICE, "storm")}   # other runs' jobs, still listed
-    results: list[subprocess.CompletedProcess[str] | BaseException] = [None] * LOGINS  # type: ignore[list-item]
-
-    def login(i: int) -> None:
-        port = tb.SSH_PORT if i % 2 == 0 else tb.LOGIN2_SSH_PORT
-        try:
-            results[i] = ssh(ALICE, "@storm", "echo J=$SLURM_JOB_ID", port=port)
-        except BaseException as exc:  # a timeout is a result to report, not a thread crash
-            results[i] = exc
-    threads = [threading.Thread(target=login, args=(i,)) for i in range(LOGINS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    failed = [(i, r) for i, r in enumerate(results)
-              if not isinstance(r, subprocess.CompletedProcess) or r.returncode != 0]
-    assert not failed, failed[:3]
-    seen = {r.stdout.strip() for r in results}
-    assert len(seen) == 1, seen
-    job = seen.pop().removeprefix("J=")
+    job = one_job_for_all(concurrent_logins("storm", LOGINS))
     jobs = [j for j in slurm_jobs(ALICE, "storm") if j["job_id"] not in earlier]
     ran = [j for j in jobs if j["nodes"]]   # a job that never ran was never given a node
     assert [str(j["job_id"]) for j in ran] == [job], jobs   # one allocation ever ran, the one every login used
@@ -162,45 +161,16 @@ def events_of(session_id: str, kind: str) -> list[dict]:
 
 @pytest.fixture
 def two_immediate_brokers(cluster):
-    reset_state()
-    reset_login2_state()
-    one, two = BrokerProcess(slurm_launch="immediate"), Login2Broker(slurm_launch="immediate")
-    try:
-        one.start()
-        two.start()
-        yield one, two
-    finally:
-        two.stop()
-        one.stop()
-        reset_login2_state()
-        reset_state()
+    with running_both(BrokerProcess(slurm_launch="immediate"), Login2Broker(slurm_launch="immediate")) as both:
+        yield both
 
 
 def test_immediate_logins_over_both_login_nodes_converge_on_the_older_allocation(two_immediate_brokers):
     """No singleton in the immediate mode: each broker may allocate once for the key at the same
     moment; the newer allocation is cancelled before its session is ready, and every login ends
     up in the older one."""
-    logins = 20
     earlier = {j["job_id"] for j in slurm_jobs(ALICE, "rush")}
-    results: list[subprocess.CompletedProcess[str] | BaseException] = [None] * logins  # type: ignore[list-item]
-
-    def login(i: int) -> None:
-        port = tb.SSH_PORT if i % 2 == 0 else tb.LOGIN2_SSH_PORT
-        try:
-            results[i] = ssh(ALICE, "@rush", "echo J=$SLURM_JOB_ID", port=port)
-        except BaseException as exc:
-            results[i] = exc
-    threads = [threading.Thread(target=login, args=(i,)) for i in range(logins)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    failed = [(i, r) for i, r in enumerate(results)
-              if not isinstance(r, subprocess.CompletedProcess) or r.returncode != 0]
-    assert not failed, failed[:3]
-    seen = {r.stdout.strip() for r in results}
-    assert len(seen) == 1, seen
-    job = seen.pop().removeprefix("J=")
+    job = one_job_for_all(concurrent_logins("rush", 20))
     jobs = [j for j in slurm_jobs(ALICE, "rush") if j["job_id"] not in earlier]
     assert 1 <= len(jobs) <= 2, jobs  # one allocation per broker at most
     assert min(str(j["job_id"]) for j in jobs) == job  # the older one is every login's
