@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
 import random
 import secrets
@@ -378,10 +379,13 @@ class Manager:
             _write_job_files(spec)
             # Created as the user, never by root (root-squashed NFS); a stat that root is
             # refused there reads as "missing" and costs only the mkdir.
-            if self.config.create_project_dir and not os.path.isdir(spec.host_project_dir):
-                await self.runner.run(["mkdir", "-p", "--", spec.host_project_dir], user=user)
-            if self.config.launch == "immediate" and await self._allocate(session, user, spec):
-                return
+            mkdir = (self.runner.run(["mkdir", "-p", "--", spec.host_project_dir], user=user)
+                     if self.config.create_project_dir and not os.path.isdir(spec.host_project_dir) else None)
+            if self.config.launch == "immediate":
+                if await self._allocate(session, user, spec, mkdir):
+                    return
+            elif mkdir is not None:
+                await mkdir
             switch = await self._forecast(session, user, spec, profile.partition)
             if switch:  # the login chose another profile at the forecast: build that one instead
                 session.profile = switch
@@ -409,12 +413,24 @@ class Manager:
                           digest=session.image_digest, profile=session.profile)
         self._wake.set()
 
-    async def _allocate(self, session: Session, user: User, spec: jobspec.JobSpec) -> bool:
+    async def _allocate(self, session: Session, user: User, spec: jobspec.JobSpec,
+                        mkdir: Awaitable[Any] | None = None) -> bool:
         """The immediate launch (broker.launch): an allocation granted now (``salloc --no-shell
         --immediate``, as the user) and its agent step started under a holder that outlives
-        this broker. False when SLURM cannot grant it now: the caller queues a batch job."""
+        this broker. False when SLURM cannot grant it now: the caller queues a batch job.
+
+        ``mkdir`` (the project directory, as the user) runs while salloc does: the directory is
+        needed only when the instance starts on the node, a process less on a first login's path."""
+        result, made = await asyncio.gather(self.runner.run(spec.salloc_argv, user=user), mkdir or _nothing(),
+                                            return_exceptions=True)
+        if isinstance(made, BaseException):
+            if not isinstance(result, BaseException):
+                with contextlib.suppress(ValueError):
+                    await self._cancel_job(launch.parse_salloc(result.stderr), user)
+            raise made
         try:
-            result = await self.runner.run(spec.salloc_argv, user=user)
+            if isinstance(result, BaseException):
+                raise result
             job_id = launch.parse_salloc(result.stderr)
         except ControllerUnavailable:
             raise
@@ -1296,6 +1312,10 @@ def _reason_class(reason: str) -> str:
     """A short label for metrics: the reason up to its first colon or parenthesis."""
     head = reason.split(":", 1)[0].split("(", 1)[0].strip()
     return head[:40] or "unknown"
+
+
+async def _nothing() -> None:
+    return None
 
 
 def agent_status_of(session: Session) -> str:
