@@ -113,7 +113,9 @@ def _bench_job(user: str, project: str) -> tuple[object, str, jobspec.JobSpec, P
     image = images.resolve(cfg.image)
     spec = jobspec.build(cfg, account, project, str(image), images.digest(image))
     out_dir = Path(account.home) / BENCH_SUBDIR
-    as_user(user, "mkdir", "-p", "-m", "0700", "--", str(out_dir))
+    # The job dir too: the start script's agent writes its status there, as in a broker's job
+    # (the broker makes it for its users; a user who never had a session has none).
+    as_user(user, "mkdir", "-p", "-m", "0700", "--", str(out_dir), str(spec.job_dir))
     return account, project, spec, image, out_dir / f"{spec.instance}.log"
 
 
