@@ -457,7 +457,7 @@ class Manager:
         # time, so the one allocated first is older on every node) before this one is ready.
         held, jobs = await asyncio.gather(
             self.runner.detach(argv, user=user if kind == "setsid" else None, stdin_path=str(spec.script_path),
-                               output_path=str(holder_log(spec)), extra_env={"SBROKER_JOB_ID": job_id}),
+                               output_path=os.devnull, extra_env={"SBROKER_JOB_ID": job_id}),
             self.scan(max_age=0.0), return_exceptions=True)
         if isinstance(held, BaseException):
             await self._cancel_failed(session, f"the session's agent step could not be started ({kind}):"
@@ -910,14 +910,12 @@ class Manager:
             self._stepless.pop(session.job_id, None)
             why = "its agent step ended without releasing the allocation (the login node holding it was lost" \
                   " or the step was killed); the session's shells and instance are gone"
-            detail = _last_line(holder_log_of(self.config, session))
-            self.log.warning("agent_step_lost", session=session.id, user=session.user, job_id=session.job_id,
-                             holder_said=detail)
+            self.log.warning("agent_step_lost", session=session.id, user=session.user, job_id=session.job_id)
             await self._scancel(session)
             if session.state == State.READY:
                 self.transition(session, State.ENDING, why)
             else:
-                self._fail(session, why + (f" (srun said: {detail})" if detail else ""))
+                self._fail(session, why)
 
     def _controller_down(self, reason: str, tracked: list[Session]) -> None:
         if self.controller_ok:
@@ -1321,31 +1319,6 @@ async def _nothing() -> None:
 def agent_status_of(session: Session) -> str:
     """The session agent's status file: beside the job's log (``slurm.job_dir``)."""
     return str(agentlaunch.status_path(Path(session.log_path).parent, session.instance))
-
-
-def holder_log(spec: jobspec.JobSpec) -> Path:
-    """What an immediate session's holder (its ``srun``) says: the broker's own root-only file
-    beside the script record, written through a descriptor the broker hands over."""
-    return spec.script_path.with_suffix(".holder.log")
-
-
-def holder_log_of(config: Config, session: Session) -> Path | None:
-    if not session.instance:
-        return None
-    return jobspec.jobs_dir(config, session.user) / f"{session.instance}.holder.log"
-
-
-def _last_line(path: Path | None, limit: int = 4096) -> str:
-    """The last non-empty line of a root-only file of the broker's, at most 200 characters."""
-    if path is None:
-        return ""
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, os.fstat(f.fileno()).st_size - limit))
-            lines = [line for line in f.read().decode(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return ""
-    return lines[-1].strip()[:200] if lines else ""
 
 
 def _write_job_files(spec: jobspec.JobSpec) -> None:

@@ -123,9 +123,10 @@ class Runner:
         """Start a process that outlives the broker (``setsid --fork`` or ``systemd-run``: the
         argv itself detaches, and this returns when its launcher has).
 
-        ``stdin_path`` and ``output_path`` are the broker's own root-only files, opened here by
-        root and handed over as descriptors: the user's process never gets a path to them, and
-        root never opens a path the user controls."""
+        ``stdin_path`` is the broker's own root-only file, opened here by root and handed over
+        as a descriptor: the user's process never gets a path to it, and root never opens a
+        path the user controls. ``output_path`` is ``/dev/null`` for a process the user owns:
+        a root file it could write without bound would let it fill root's state directory."""
         argv = [str(a) for a in argv]
         self.calls[os.path.basename(argv[0])] += 1
         kwargs: dict = {}
