@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 from collections.abc import Sequence
 
 from . import profiles
@@ -121,8 +120,3 @@ def steps_with_agent(lines: Sequence[str]) -> set[str]:
         if step == STEP_ID and job.isdigit():
             jobs.add(job)
     return jobs
-
-
-def describe(argv: Sequence[str]) -> str:
-    """One line for the log."""
-    return " ".join(shlex.quote(a) for a in argv)
