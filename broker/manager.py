@@ -601,7 +601,7 @@ class Manager:
         session.script_path = str(jobspec.jobs_dir(self.config, user.name) / f"{session.instance}.sh")
         session.image_digest = tags.get("digest", "")
         session.profile = self.tag_profile(tags)
-        session.launch = "immediate" if tags.get("launch") == "immediate" else "batch"
+        session.launch = tag_launch(tags)
         session.node = info.nodes if info.nodes not in ("", "(null)") else ""
         self.store.save(session)
 
@@ -1117,7 +1117,7 @@ class Manager:
         session.script_path = str(jobspec.jobs_dir(self.config, user.name) / f"{session.instance}.sh")
         session.image_digest = tags.get("digest", "")
         session.profile = self.tag_profile(tags)
-        session.launch = "immediate" if tags.get("launch") == "immediate" else "batch"
+        session.launch = tag_launch(tags)
         self.sessions[session.id] = session
         self.store.save(session)
         self.transition(session, State.SUBMITTED, "adopted tagged job")
@@ -1310,6 +1310,12 @@ def _reason_class(reason: str) -> str:
     """A short label for metrics: the reason up to its first colon or parenthesis."""
     head = reason.split(":", 1)[0].split("(", 1)[0].strip()
     return head[:40] or "unknown"
+
+
+def tag_launch(tags: dict[str, str]) -> str:
+    """How a job was made, from its comment (the user's word: it only decides whether the
+    broker checks that job's agent step, which affects that user's own session)."""
+    return "immediate" if tags.get("launch") == "immediate" else "batch"
 
 
 async def _nothing() -> None:
