@@ -2,12 +2,15 @@
 
 Used by ``sbroker login`` on every SSH login and by the admin commands. It knows
 nothing about identity: the daemon takes that from the socket.
+
+It uses ``_socket``, the C core of ``socket``: ``socket.py`` imports ``selectors`` and builds
+its enum classes, 2.7 ms of every ``ssh host cmd`` for names this module does not use.
 """
 
 from __future__ import annotations
 
+import _socket
 import os
-import socket
 import struct
 
 from . import protocol as p
@@ -43,7 +46,7 @@ class Client:
         socket served by anyone but root could hand out a login-node shell.
         """
         self.path = path or socket_path()
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         try:
             self.sock.connect(self.path)
@@ -52,7 +55,7 @@ class Client:
             raise BrokerError(f"broker not reachable at {self.path}: {exc.strerror or exc}",
                               code="unreachable") from None
         if require_root:
-            uid = struct.unpack("3i", self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+            uid = struct.unpack("3i", self.sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12))[1]
             if uid != 0:
                 self.sock.close()
                 raise BrokerError(f"broker at {self.path} is not run by root (uid {uid}); refusing to use it",

@@ -12,14 +12,16 @@ data moves; see the agent's docstring. A failure to reach or authenticate the ag
 line on stderr and status 255, as ssh reports a failed connection.
 
 Imports are what every ``ssh host cmd`` pays before its first byte moves, so this module takes
-the C cores where the Python layer above them only costs time here: ``_thread`` for two
-daemon threads (``threading``: 2 ms), the built-in SHA-256 for one HMAC (``hashlib`` and
-``hmac`` load OpenSSL's libcrypto: 5 ms), ``os.urandom`` for a nonce (``secrets`` imports
-``hmac``, ``random`` and ``base64``).
+the C cores where the Python layer above them only costs time here: ``_socket`` for two
+TCP connections (``socket`` imports ``selectors`` and builds its enum classes: 2.7 ms),
+``_thread`` for two daemon threads (``threading``: 2 ms), the built-in SHA-256 for one HMAC
+(``hashlib`` and ``hmac`` load OpenSSL's libcrypto: 5 ms), ``os.urandom`` for a nonce
+(``secrets`` imports ``hmac``, ``random`` and ``base64``).
 """
 
 from __future__ import annotations
 
+import _socket
 import _thread
 import errno
 import fcntl
@@ -27,7 +29,6 @@ import json
 import os
 import select
 import signal
-import socket
 import struct
 import sys
 
@@ -74,7 +75,7 @@ def _same(a: bytes, b: bytes) -> bool:
     return differ == 0
 
 
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+def _recv_exactly(sock: _socket.socket, n: int) -> bytes:
     data = b""
     while len(data) < n:
         chunk = sock.recv(n - len(data))
@@ -84,7 +85,7 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
     return data
 
 
-def _recv_line(sock: socket.socket) -> dict[str, object]:
+def _recv_line(sock: _socket.socket) -> dict[str, object]:
     data = b""
     while not data.endswith(b"\n"):
         chunk = sock.recv(1)
@@ -94,17 +95,32 @@ def _recv_line(sock: socket.socket) -> dict[str, object]:
     return json.loads(data.decode())
 
 
-def open_stream(host: str, port: int, key: bytes, request: dict[str, object]) -> tuple[socket.socket, dict]:
+def _connect(host: str, port: int) -> _socket.socket:
+    """``socket.create_connection((host, port), CONNECT_TIMEOUT)``: each address in turn."""
+    error: OSError = OSError(f"no address for {host}")
+    for family, kind, proto, _, address in _socket.getaddrinfo(host, port, 0, _socket.SOCK_STREAM):
+        sock = _socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(CONNECT_TIMEOUT)
+            sock.connect(address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise error
+
+
+def open_stream(host: str, port: int, key: bytes, request: dict[str, object]) -> tuple[_socket.socket, dict]:
     """Connect, authenticate both ways, send ``request``; return the socket and the reply."""
     try:
-        sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+        sock = _connect(host, port)
     except OSError as exc:
         raise StreamError(f"cannot reach the session agent at {host}:{port}: {exc.strerror or exc}") from None
     try:
         # Small writes answered by the peer: without TCP_NODELAY, Nagle holds each second write
         # until the first is acknowledged, and the peer delays that ACK by 40 ms. The socket
         # becomes the command's stdin, and sftp and rsync are request/reply protocols too.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
         client_nonce = os.urandom(NONCE)
         sock.sendall(MAGIC + client_nonce)
         answer = _recv_exactly(sock, NONCE + 32)
@@ -223,7 +239,7 @@ def run(host: str, port: int, key_path: str, argv: list[str]) -> int:
     def hang_up(signum: int, frame: object) -> None:
         # sshd hung up: closing the control connection makes the agent hang the command up.
         try:
-            control.shutdown(socket.SHUT_RDWR)
+            control.shutdown(_socket.SHUT_RDWR)
         except OSError:
             pass
 
@@ -236,7 +252,7 @@ def run(host: str, port: int, key_path: str, argv: list[str]) -> int:
 
     def stdin_done() -> None:
         try:
-            data.shutdown(socket.SHUT_WR)  # the command reads EOF
+            data.shutdown(_socket.SHUT_WR)  # the command reads EOF
         except OSError:
             pass
 
@@ -253,7 +269,7 @@ def run(host: str, port: int, key_path: str, argv: list[str]) -> int:
     return status
 
 
-def _control_loop(control: socket.socket) -> int:
+def _control_loop(control: _socket.socket) -> int:
     """Write the command's stderr frames to fd 2 until its exit status arrives."""
     buf = bytearray()
     while True:

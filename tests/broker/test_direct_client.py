@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import socket
 import subprocess
 import sys
+
+import pytest
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -51,12 +54,38 @@ def test_without_builtin_hashes_the_mac_uses_openssl():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
-def test_direct_path_imports_neither_openssl_nor_threading():
+def test_direct_path_imports_neither_openssl_nor_the_python_socket_layers():
     """What ``ssh host cmd`` imports before its first byte: not ``hashlib``/``hmac`` (OpenSSL's
-    libcrypto), ``secrets`` nor ``threading`` (see broker.direct's docstring)."""
+    libcrypto), ``secrets``, ``threading`` nor ``socket`` (see broker.direct's docstring)."""
     code = ("import sys; from broker.cli import main; import broker.login, broker.direct\n"
-            "avoided = {'_hashlib', 'hashlib', 'hmac', 'secrets', 'random', 'threading'}\n"
+            "avoided = {'_hashlib', 'hashlib', 'hmac', 'secrets', 'random', 'threading', 'socket', 'selectors'}\n"
             "print(sorted(avoided & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          timeout=60).stdout
     assert out.strip() == "[]"
+
+
+def test_connect_tries_each_address_of_the_name_in_turn(monkeypatch):
+    """As ``socket.create_connection``: of a name's addresses, the first that accepts is taken."""
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        refused = closed.getsockname()[1]
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        tcp = (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "")
+        monkeypatch.setattr(direct._socket, "getaddrinfo", lambda host, *_: [
+            (*tcp, ("127.0.0.1", refused)), (*tcp, ("127.0.0.1", port))] if host == "agent.example" else [])
+        sock = direct._connect("agent.example", port)
+        conn, peer = listener.accept()
+        assert sock.getsockname() == peer and sock.getpeername() == ("127.0.0.1", port)
+        conn.close()
+        sock.close()
+        with pytest.raises(OSError, match="no address for nowhere.example"):
+            direct._connect("nowhere.example", port)
+
+
+def test_a_port_nobody_listens_on_is_one_clear_error():
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]  # closed below: nobody listens on it any more
+    with pytest.raises(direct.StreamError, match=rf"cannot reach the session agent at 127.0.0.1:{port}: "
+                                                  r"Connection refused"):
+        direct.open_stream("127.0.0.1", port, b"k" * 32, {"op": "exec", "argv": ["true"]})
