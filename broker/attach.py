@@ -37,10 +37,12 @@ from . import protocol as p
 from .agentlaunch import attach_argv
 from .agents import Agents, key_file
 from .identity import User, lookup_name
+from .jobspec import container_args
 from .manager import Manager, SessionError
 from .server import Connection, Server
 from .session import Session, State
 from .shells import instance_command_argv, instance_shell_argv, instance_sshd_argv, safe_term
+from .xferroute import binds_of, login_spec
 
 #: A bridge stops reading the pty while this much output waits for the administrator.
 BRIDGE_HIGH_WATER = 256 * 1024
@@ -122,7 +124,28 @@ class AttachHub:
                                       lookup_name(session.user).home, self.manager.config.ssh_authorized_keys)
         else:
             argv = instance_command_argv(session.instance, session.user, session.project, command or "", term)
-        return {"host": host, "port": status.port, "key": key_file(session), "argv": argv}
+        spec: dict[str, Any] = {"host": host, "port": status.port, "key": key_file(session), "argv": argv}
+        if endpoint is None and command:
+            local = self.login_side(session, command)
+            if local is not None:
+                spec["local"] = local
+        return spec
+
+    def login_side(self, session: Session, command: str) -> dict[str, Any] | None:
+        """The login-node form of a transfer on shared storage (:mod:`broker.xferroute`), or None."""
+        config = self.manager.config
+        if not config.login_paths:
+            return None
+        profile = config.profile(session.profile)
+        if profile is None:  # adopted from a job whose profile this config does not have: binds unknown
+            return None
+        args = container_args(config, session.user, session.project, session.image or "/x", profile)
+        local = login_spec(command, binds_of(args), config.login_paths, f"/home/{session.user}",
+                           str(config.login_sftp_server))
+        self.log.info("command_routed", session=session.id, user=session.user,
+                      where="login" if local is not None else "allocation",
+                      program=os.path.basename(local["argv"][0]) if local else "")
+        return local
 
     def _record(self, event: str, session: Session, conn: Connection, mode: str) -> None:
         self.attach_count += 1

@@ -131,6 +131,13 @@ class Config:
     ssh_endpoint: bool = True
     #: sshd's ``AuthorizedKeysFile`` for it (relative paths are to the home; ``%h``/``%u`` allowed).
     ssh_authorized_keys: str = ".ssh/authorized_keys"
+    #: Host directories that are the same files on login and compute nodes (shared storage).
+    #: Transfers (sftp, scp, rsync) whose every path the session sees at the same place in
+    #: them are served on the login node (:mod:`broker.xferroute`). Empty: none, all go to the
+    #: allocation.
+    login_paths: tuple[str, ...] = ()
+    #: The login node's sftp-server, for those transfers.
+    login_sftp_server: str = "/usr/lib/openssh/sftp-server"
 
     #: ``[profiles.NAME]``: the session sizes users choose at login (:mod:`broker.profiles`);
     #: without that section, one profile ``default`` made of ``[slurm]`` and ``[container]``.
@@ -218,6 +225,8 @@ _FIELDS: list[tuple[str, str, str, str]] = [
     ("transfer", "listen", "stream_listen", "address"),
     ("transfer", "ssh_endpoint", "ssh_endpoint", "bool"),
     ("transfer", "authorized_keys", "ssh_authorized_keys", "keysfile"),
+    ("transfer", "login_paths", "login_paths", "abspathlist"),
+    ("transfer", "sftp_server", "login_sftp_server", "abspath"),
     ("extend", "step", "extend_step", "slurmtime"),
     ("extend", "max_total", "extend_max_total", "slurmtime_or_empty"),
     ("extend", "only_if_idle_partition", "extend_only_if_idle_partition", "bool"),
@@ -256,6 +265,11 @@ def _check(kind: str, value: Any) -> tuple[Any, str | None]:
         return tuple(value), None
     if kind == "devrepos":
         return _check_devrepos(value)
+    if kind == "abspathlist":
+        ok = isinstance(value, list) and all(isinstance(v, str) and _check("abspath", v)[1] is None and v != "/"
+                                             for v in value)
+        return (tuple(v.rstrip("/") for v in value) if ok else value), (
+            None if ok else "must be a list of absolute directories of [A-Za-z0-9._/@+-] without '..', not '/'")
     if kind == "mounts":
         return _check_mounts(value)
     if not isinstance(value, str):

@@ -86,6 +86,23 @@ def log_path(config: Config, user: User, instance: str) -> Path:
     return job_dir(config, user) / f"{v.validate_instance_name(instance)}.log"
 
 
+def container_args(config: Config, username: str, project: str, image: str,
+                   profile: profiles.Profile) -> list[str]:
+    """The ``apptainer`` arguments of a session's instance: binds, environment, profile flags.
+
+    One place, because two read them: the start script (the instance is started with them)
+    and the transfer route (:mod:`broker.xferroute`: which paths the session sees where)."""
+    exec_args = build_exec_args(
+        image, username, Path(config.user_dir.format(user=username, project=project)),
+        Path(config.project_dir.format(user=username, project=project)), project,
+        dev_repos=[{"name": r.name, "host_path": r.host_path} for r in config.dev_repos] or None,
+        host_mounts=[{"host_path": m.host_path, "container_path": m.container_path, "mode": m.mode}
+                     for m in config.host_mounts] or None,
+        texlive_prefix=config.texlive_prefix,
+    )
+    return profiles.with_profile(with_hostname(exec_args, config.hostname), profile)
+
+
 def build(config: Config, user: User, project: str, image: str, image_digest: str,
           token: str | None = None, profile: profiles.Profile | None = None,
           first_term: str | None = None) -> JobSpec:
@@ -97,19 +114,12 @@ def build(config: Config, user: User, project: str, image: str, image_digest: st
     instance = instance_name(username, project, token)
     host_user_dir = config.user_dir.format(user=username, project=project)
     host_project_dir = config.project_dir.format(user=username, project=project)
-    exec_args = build_exec_args(
-        image, username, Path(host_user_dir), Path(host_project_dir), project,
-        dev_repos=[{"name": r.name, "host_path": r.host_path} for r in config.dev_repos] or None,
-        host_mounts=[{"host_path": m.host_path, "container_path": m.container_path, "mode": m.mode}
-                     for m in config.host_mounts] or None,
-        texlive_prefix=config.texlive_prefix,
-    )
+    exec_args = container_args(config, username, project, image, profile)
     shared = job_dir(config, user)
     status = agentlaunch.status_path(shared, instance)
     # The first login's shell, exactly as its attach will ask for it (broker.attach.exec_spec).
     first_shell = ((instance_shell_argv(instance, username, project, first_term), safe_term(first_term))
                    if first_term is not None else None)
-    exec_args = profiles.with_profile(with_hostname(exec_args, config.hostname), profile)
     script = render_instance_start_script(exec_args, username, project, instance,
                                           before_start=(profiles.gpu_env_snippet() if profile.gpu else "")
                                           + agentlaunch.start_snippet(config, status, first_shell),

@@ -204,9 +204,15 @@ def main(argv: list[str] | None = None) -> int:
     progress.done()
     client.close()
     if "direct" in result:
+        spec = result["direct"]
+        if "local" in spec:  # a transfer on shared storage: the login node's own server, confined
+            from . import loginxfer
+
+            status = loginxfer.run(spec["local"])  # returns only if it could not exec
+            if status is not None:
+                return status
         from . import direct
 
-        spec = result["direct"]
         return direct.run(spec["host"], spec["port"], spec["key"], spec["argv"])
     if early.started is not None and "exec" not in result:
         from .srunexec import finish_command

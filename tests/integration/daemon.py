@@ -34,7 +34,7 @@ def config_text(extra_toml: str = "", **overrides: object) -> str:
     }
     for key, value in overrides.items():
         section, _, name = key.partition("_")
-        values[section][name] = value
+        values.setdefault(section, {})[name] = value
     lines = []
     for section, table in values.items():
         lines.append(f"[{section}]")

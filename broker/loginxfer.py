@@ -1,0 +1,102 @@
+"""Serve a transfer on the login node, confined to the session's shared trees (standard library only).
+
+``sbroker login`` runs this when the broker's reply says a transfer (sftp, ``scp -t/-f``,
+``rsync --server``) touches only shared storage that the session sees at the same path
+(:mod:`broker.xferroute`). The login node's own server then does the work with sshd's pipes
+as its stdin and stdout, exactly as under plain ssh: no relay, no second hop.
+
+Before it execs, this process confines itself (and so the server) with Landlock
+(:mod:`broker.landlock`) to those trees, plus read access to the server's own binary, the
+libraries the dynamic loader maps for it, and the name-service files (so ``ls -l`` shows
+names). Every other path, in particular the login node's ``/tmp`` and a symlink out of the
+home, is refused by the kernel. The trees are the broker's word; the user chooses nothing
+here but the command, which the broker parsed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from . import landlock
+
+#: Read-only files a transfer server needs besides its libraries: the loader's cache and the
+#: name service (user and group names in listings).
+SYSTEM_FILES = ("/etc/ld.so.cache", "/etc/nsswitch.conf", "/etc/passwd", "/etc/group")
+
+
+def libraries(binary: str) -> list[str]:
+    """The shared objects the loader maps for ``binary`` (``LD_TRACE_LOADED_OBJECTS``, what
+    ``ldd`` does for a trusted binary: the loader lists and exits, ``main`` never runs)."""
+    out = _output([binary], {"LD_TRACE_LOADED_OBJECTS": "1"})
+    found = []
+    for line in out.splitlines():
+        words = line.split()
+        path = words[2] if len(words) >= 3 and words[1] == "=>" else (words[0] if words else "")
+        if path.startswith("/"):
+            found.append(path)
+    # NSS modules are loaded later with dlopen: those next to libc (sssd, ldap sites).
+    for lib in list(found):
+        if os.path.basename(lib).startswith("libc.so"):
+            where = os.path.dirname(lib)
+            found += [os.path.join(where, n) for n in os.listdir(where) if n.startswith("libnss_")]
+    return found
+
+
+def _output(argv: list[str], env: dict[str, str]) -> str:
+    """``argv``'s stdout (fork and exec by hand: ``subprocess`` alone costs the login client
+    several milliseconds of imports)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.dup2(write, 1)
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, 0)
+            os.dup2(null, 2)
+            os.execve(argv[0], argv, env)
+        finally:
+            os._exit(127)
+    os.close(write)
+    chunks = []
+    while chunk := os.read(read, 65536):
+        chunks.append(chunk)
+    os.close(read)
+    os.waitpid(pid, 0)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def run(spec: dict[str, object]) -> int | None:
+    """Exec the login-side server of ``spec`` (``argv``, ``cwd``, ``trees``); returns only on
+    failure: None when this kernel cannot confine it (the caller takes the allocation's
+    path), else an exit status after one line on stderr."""
+    argv = [str(a) for a in spec["argv"]]  # type: ignore[union-attr]
+    trees = [(str(path), landlock.WRITE if mode == "rw" else landlock.READ)
+             for path, mode in spec["trees"]]  # type: ignore[union-attr]
+    binary = argv[0]
+    try:
+        files = [(binary, landlock.EXECUTE | landlock.READ_FILE)]
+        files += [(lib, landlock.EXECUTE | landlock.READ_FILE) for lib in libraries(binary)]
+        files += [(path, landlock.READ_FILE) for path in SYSTEM_FILES]
+        files.append((os.devnull, landlock.READ_FILE | landlock.WRITE_FILE))
+        landlock.confine(trees, files)
+    except (landlock.LandlockError, OSError):
+        return None
+    try:
+        os.chdir(str(spec["cwd"]))
+        into = spec.get("stdout")
+        if isinstance(into, dict):  # ``cat > f``: opened as bash opens a redirection, confined
+            mode = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if into.get("append") else os.O_TRUNC)
+            try:
+                fd = os.open(str(into["path"]), mode | os.O_CLOEXEC, 0o666)
+            except OSError as exc:  # what bash says of a failed redirection, and its status
+                os.write(2, f"sbroker: {into['path']}: {exc.strerror}\n".encode())
+                return 1
+            os.dup2(fd, 1)
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores them; a program expects the default
+            signal.signal(sig, signal.SIG_DFL)
+        # argv[0] as a shell's PATH search gives it (messages read "cat: f: ...", as in the session)
+        os.execv(binary, [os.path.basename(binary), *argv[1:]])
+    except OSError as exc:
+        os.write(2, f"sbroker: cannot run {os.path.basename(binary)} on the login node: {exc.strerror}\n".encode())
+    return 255
