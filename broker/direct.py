@@ -148,12 +148,6 @@ def read_key(path: str) -> bytes:
         raise StreamError(f"cannot read the session key {path}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
-def _wait(fd: int, events: int, timeout: int | None = None) -> bool:
-    poller = select.poll()
-    poller.register(fd, events)
-    return bool(poller.poll(timeout))
-
-
 def _pump(src: int, dst: int, on_end=None) -> None:
     """Move bytes until EOF, by ``splice(2)`` where one side is a pipe, else ``read``/``write``.
 
@@ -161,37 +155,50 @@ def _pump(src: int, dst: int, on_end=None) -> None:
     without a copy through this process. Both are used non-blocking (a blocking ``splice``
     from a socket can wait for more than is there, stalling request/reply protocols such as
     sftp): a step is tried first, and only when it would block does the pump wait in ``poll``,
-    for the source when it is empty, else for the full destination.
+    for the source, or for the destination when the source was readable and still nothing
+    moved (it is full). A step that moved less than it could most likely emptied the source:
+    the pump waits for the source at once (returning at once if more came) instead of trying
+    a step bound to fail. A request/reply exchange is then one wait and one step per message.
     """
+    readable, writable = select.poll(), select.poll()  # made once, not at every wait
+    readable.register(src, select.POLLIN)
+    writable.register(dst, select.POLLOUT)
     use_splice = hasattr(os, "splice")
+    source_ready = False  # the source was readable at the last wait and nothing moved since
     try:
         while True:
             try:
                 if use_splice:
                     moved = os.splice(src, dst, CHUNK, flags=os.SPLICE_F_NONBLOCK | os.SPLICE_F_MOVE)
-                    if moved == 0:
-                        break
-                    continue
-                data = os.read(src, CHUNK)
-            except BlockingIOError:
-                if _wait(src, select.POLLIN, 0):
-                    _wait(dst, select.POLLOUT)  # the source has data: the destination is full
                 else:
-                    _wait(src, select.POLLIN)
+                    data = os.read(src, CHUNK)
+                    moved = len(data)
+            except BlockingIOError:
+                if source_ready:
+                    writable.poll()
+                    source_ready = False
+                else:
+                    readable.poll()
+                    source_ready = True
                 continue
             except OSError as exc:
                 if not use_splice or exc.errno != errno.EINVAL:  # EINVAL: neither side is a pipe
                     raise
                 use_splice = False
                 continue
-            if not data:
+            if not moved:
                 break
-            view = memoryview(data)
-            while view:
-                try:
-                    view = view[os.write(dst, view):]
-                except BlockingIOError:
-                    _wait(dst, select.POLLOUT)
+            if not use_splice:
+                view = memoryview(data)
+                while view:
+                    try:
+                        view = view[os.write(dst, view):]
+                    except BlockingIOError:
+                        writable.poll()
+            source_ready = False
+            if moved < CHUNK:
+                readable.poll()
+                source_ready = True
     except OSError:
         pass
     finally:

@@ -1,14 +1,20 @@
 """The login client's side of a direct stream, without a cluster: its handshake crypto (a
-hand-written HMAC over the built-in SHA-256, so that no ``ssh host cmd`` loads OpenSSL) and
-what the direct path imports."""
+hand-written HMAC over the built-in SHA-256, so that no ``ssh host cmd`` loads OpenSSL), what
+the direct path imports, and the relay loop between a pipe and a socket."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
+import os
 import socket
+import struct
 import subprocess
 import sys
+import termios
+import threading
+import time
 
 import pytest
 
@@ -89,3 +95,69 @@ def test_a_port_nobody_listens_on_is_one_clear_error():
     with pytest.raises(direct.StreamError, match=rf"cannot reach the session agent at 127.0.0.1:{port}: "
                                                   r"Connection refused"):
         direct.open_stream("127.0.0.1", port, b"k" * 32, {"op": "exec", "argv": ["true"]})
+
+
+def _start_pump(src: int, dst: int, on_end=None) -> threading.Thread:
+    pump = threading.Thread(target=direct._pump, args=(src, dst, on_end), daemon=True)
+    pump.start()
+    return pump
+
+
+def test_pump_passes_each_message_on_without_waiting_for_more():
+    """A request/reply protocol sends one message and waits for the answer: each byte that
+    enters the pipe must come out of the socket with nothing more behind it."""
+    r, w = os.pipe()
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.settimeout(30)
+    pump = _start_pump(r, ours.fileno(), lambda: ours.shutdown(socket.SHUT_WR))
+    for size in (1, 1, 7, 1, 65536, 3):
+        message = os.urandom(size)
+        os.write(w, message)
+        got = b""
+        while len(got) < size:
+            got += theirs.recv(size - len(got))
+        assert got == message
+    os.close(w)
+    assert theirs.recv(1) == b""  # EOF passed on
+    pump.join(30)
+    assert not pump.is_alive()
+    for s in (ours, theirs):
+        s.close()
+    os.close(r)
+
+
+def test_pump_waits_for_a_full_destination_and_loses_nothing():
+    """The socket's buffers fill while the reader does not read; the pipe behind it fills too
+    (the pump stopped at a full destination, with data in its source). Reading again, every
+    byte arrives in order."""
+    r, w = os.pipe()
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    ours.setblocking(False)
+    payload = os.urandom(4 << 20)
+
+    def write_all() -> None:
+        os.write(w, payload)  # blocks while the pipe is full
+        os.close(w)
+
+    writer = threading.Thread(target=write_all, daemon=True)
+    writer.start()
+    pump = _start_pump(r, ours.fileno(), lambda: ours.shutdown(socket.SHUT_WR))
+    pipe_size = fcntl.fcntl(r, fcntl.F_GETPIPE_SZ)
+    deadline = time.monotonic() + 30
+    while struct.unpack("i", fcntl.ioctl(r, termios.FIONREAD, b"\0" * 4))[0] < pipe_size:
+        assert time.monotonic() < deadline, "the pipe never filled up behind the full socket"
+        time.sleep(0.01)
+    theirs.settimeout(30)
+    got = bytearray()
+    while chunk := theirs.recv(1 << 20):
+        got += chunk
+    assert bytes(got) == payload
+    pump.join(30)
+    writer.join(30)
+    assert not pump.is_alive() and not writer.is_alive()
+    for s in (ours, theirs):
+        s.close()
+    os.close(r)
