@@ -32,8 +32,11 @@ TERM = "xterm"
 #: The product's defaults except the log level and a shorter detach grace. The spare shell is on,
 #: as it is by default (the test suite turns it off to count shells); the warm benchmark measures
 #: what a user gets.
+#: ``/home`` is declared shared storage (``[transfer] login_paths``), as it is on the bed (one
+#: file system for the login node and both compute nodes) and on nearly every cluster: the
+#: transfer benchmark's files in the home are served on the login node (broker.xferroute).
 BROKER_OVERRIDES: dict[str, object] = {"broker_log_level": "info", "timeouts_detach_grace": 30,
-                                       "timeouts_spare_shell": True}
+                                       "timeouts_spare_shell": True, "transfer_login_paths": ["/home"]}
 
 
 def bring_up() -> None:

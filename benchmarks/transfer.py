@@ -1,8 +1,12 @@
 """Data at line rate (issue 19): scp, sftp, rsync and ``ssh host cat`` through sbroker vs plain ssh.
 
 The sbroker side is sbalice through the bed's sshd (ForceCommand ``sbroker login``) into her
-ready session: commands without a terminal run over the direct stream to the session agent on
-the compute node (``broker/direct.py``). The plain side is sbalice through the bench-only sshd
+ready session, with the home declared shared storage (``[transfer] login_paths``, see
+:data:`bed.BROKER_OVERRIDES`): transfers of files in the home run on the login node, confined
+to what the session sees at the same path (``broker/xferroute.py``, ``broker/loginxfer.py``);
+other commands without a terminal run over the direct stream to the session agent on the
+compute node (``broker/direct.py``). Where each ran is counted from the broker's log and
+recorded with the rows. The plain side is sbalice through the bench-only sshd
 without the ForceCommand (:class:`bed.PlainSshd`): plain ssh to the login node, writing the
 same home (shared storage) as the session does. A third side, for context only, is plain ssh
 plus a hand-typed ``srun --overlap --jobid=J --unbuffered sh -c 'cat ...'`` into the same job:
@@ -16,6 +20,7 @@ alternate order pair by pair, the first pair of each case is a discarded warm-up
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import shlex
@@ -26,6 +31,7 @@ import time
 from pathlib import Path
 
 from tests.cluster import config as tb
+from tests.integration.daemon import LOG_PATH as BROKER_LOG
 
 from . import bed
 from .common import Row, log, sha256_file, summary
@@ -189,6 +195,29 @@ CASES = [  # key, (upload label, download label), command maker, tree?
 ]
 
 
+def _log_size() -> int:
+    try:
+        return BROKER_LOG.stat().st_size
+    except OSError:
+        return 0
+
+
+def _routes(since: int) -> dict[str, int]:
+    """How many sbroker-side commands the broker routed where (``command_routed``), by program."""
+    counts: dict[str, int] = {}
+    with open(BROKER_LOG, "rb") as fh:
+        fh.seek(since)
+        for line in fh:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("event") == "command_routed":
+                key = f"{event.get('where')}:{event.get('program') or 'shell'}"
+                counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def transfer(broker: bed.Broker, n: int, size_mb: int, files: int) -> list[Row]:
     session = broker.ensure(ALICE, PROJECT)
     job = session["job_id"]
@@ -213,6 +242,7 @@ def transfer(broker: bed.Broker, n: int, size_mb: int, files: int) -> list[Row]:
     # samples[case][direction][side] = seconds
     samples: dict[str, dict[str, dict[str, list[float]]]] = {
         key: {d: {s: [] for s in ("sbroker", "plain", "srun")} for d in ("up", "down")} for key, *_ in CASES}
+    log_start = _log_size()
     try:
         sshd.check_plain(ALICE)
         # sanity: the sbroker side really lands in the session's job (and is not plain ssh)
@@ -276,6 +306,8 @@ def transfer(broker: bed.Broker, n: int, size_mb: int, files: int) -> list[Row]:
         _rm(LOCAL)
         shutil.rmtree(remote, ignore_errors=True)
 
+    routes = _routes(log_start)
+    log(f"transfer: where the sbroker side's commands ran (broker log): {routes}")
     rows = []
     for key, label, _make, tree in CASES:
         if key == "true":
@@ -293,19 +325,22 @@ def transfer(broker: bed.Broker, n: int, size_mb: int, files: int) -> list[Row]:
                 "plain ssh to the login node", unit, a, b, goal=f"≥ {GOAL}×", met=ratio >= GOAL, ratio=ratio,
                 ratio_label="×", runtime=runtime, note="" if rows else (
                     "sbroker side: sbalice through the bed's sshd (ForceCommand `sbroker login`) into her ready "
-                    f"session, job {job}: the command runs in the instance over the direct stream to the session "
-                    f"agent; plain side: sbalice through the bench-only sshd on port {bed.PLAIN_SSH_PORT} (no "
+                    f"session, job {job}, with `[transfer] login_paths = [\"/home\"]`: transfers of files in her "
+                    "home run on the login node, confined by Landlock to the trees the session sees at the same "
+                    "path, other commands in the instance over the direct stream to the session agent (where "
+                    f"each ran, from the broker's log: {routes}); plain side: sbalice through the bench-only sshd on port {bed.PLAIN_SSH_PORT} (no "
                     "ForceCommand), same home; result = sbroker speed / plain speed (medians); each transfer is "
                     "one ssh invocation timed from spawn to exit, integrity checked after it, untimed; per-transfer "
                     "seconds are in the results file"),
-                extra={"seconds": {"sbroker": s["sbroker"], "plain": s["plain"]},
+                extra={"seconds": {"sbroker": s["sbroker"], "plain": s["plain"]}, "routes": routes,
                        "median_s": {"sbroker": statistics.median(s["sbroker"]),
                                     "plain": statistics.median(s["plain"])},
                        "bytes": tree_bytes if tree else size, "files": files if tree else 1}))
     s = samples["true"]["up"]
     rows.append(Row(
         "transfer", "per-command fixed cost (context): `ssh host true` through sbroker (ForceCommand → `sbroker "
-        "login` → ensure → direct stream handshake → `apptainer exec instance://…`) vs plain ssh to the login node",
+        "login` → ensure → direct stream handshake → `apptainer exec instance://…`: a command, so in the "
+        "allocation) vs plain ssh to the login node",
         "s", s["sbroker"], s["plain"], goal="— (context)", met=None,
         ratio=statistics.median(s["sbroker"]) - statistics.median(s["plain"]), ratio_label="s added (median)",
         runtime=runtime, note="paid once per scp/sftp/rsync/ssh invocation whatever its size: with a 200 MiB file "
