@@ -68,6 +68,8 @@ class AttachHub:
         server.attach_exec = self.login_exec
         if manager.config.direct_streams:
             server.direct_stream = self.direct_stream
+        if manager.config.login_paths:
+            server.login_side = self.login_side
         server.describers.append(self.describe)
         server.refreshers.append(agents.refresh)
 
@@ -124,18 +126,11 @@ class AttachHub:
                                       lookup_name(session.user).home, self.manager.config.ssh_authorized_keys)
         else:
             argv = instance_command_argv(session.instance, session.user, session.project, command or "", term)
-        spec: dict[str, Any] = {"host": host, "port": status.port, "key": key_file(session), "argv": argv}
-        if endpoint is None and command:
-            local = self.login_side(session, command)
-            if local is not None:
-                spec["local"] = local
-        return spec
+        return {"host": host, "port": status.port, "key": key_file(session), "argv": argv}
 
     def login_side(self, session: Session, command: str) -> dict[str, Any] | None:
         """The login-node form of a transfer on shared storage (:mod:`broker.xferroute`), or None."""
         config = self.manager.config
-        if not config.login_paths:
-            return None
         profile = config.profile(session.profile)
         if profile is None:  # adopted from a job whose profile this config does not have: binds unknown
             return None

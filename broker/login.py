@@ -203,16 +203,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     progress.done()
     client.close()
-    if "direct" in result:
-        spec = result["direct"]
-        if "local" in spec:  # a transfer on shared storage: the login node's own server, confined
-            from . import loginxfer
+    if "local" in result:  # a transfer on shared storage: the login node's own server, confined
+        from . import loginxfer
 
-            status = loginxfer.run(spec["local"])  # returns only if it could not exec
-            if status is not None:
-                return status
+        status = loginxfer.run(result["local"])  # returns only if it could not exec it
+        if status is not None:
+            return status
+    if "direct" in result:
         from . import direct
 
+        spec = result["direct"]
         return direct.run(spec["host"], spec["port"], spec["key"], spec["argv"])
     if early.started is not None and "exec" not in result:
         from .srunexec import finish_command

@@ -68,12 +68,14 @@ def _output(argv: list[str], env: dict[str, str]) -> str:
 
 def run(spec: dict[str, object]) -> int | None:
     """Exec the login-side server of ``spec`` (``argv``, ``cwd``, ``trees``); returns only on
-    failure: None when this kernel cannot confine it (the caller takes the allocation's
-    path), else an exit status after one line on stderr."""
+    failure: None when it is not installed or this kernel cannot confine it (the caller takes
+    the allocation's path), else an exit status after one line on stderr."""
     argv = [str(a) for a in spec["argv"]]  # type: ignore[union-attr]
     trees = [(str(path), landlock.WRITE if mode == "rw" else landlock.READ)
              for path, mode in spec["trees"]]  # type: ignore[union-attr]
     binary = argv[0]
+    if not os.access(binary, os.X_OK):  # not installed on this login node: the allocation serves it
+        return None
     try:
         files = [(binary, landlock.EXECUTE | landlock.READ_FILE)]
         files += [(lib, landlock.EXECUTE | landlock.READ_FILE) for lib in libraries(binary)]

@@ -101,6 +101,9 @@ class Server:
         #: ``ensure`` with a command and no terminal: where the session agent's direct stream is
         #: (:class:`broker.attach.AttachHub`), or None to run it through ``srun``.
         self.direct_stream: Callable[..., Awaitable[dict[str, Any] | None]] | None = None
+        #: ``ensure`` with a command and no terminal: the login node's form of a transfer on
+        #: shared storage (:meth:`broker.attach.AttachHub.login_side`), or None.
+        self.login_side: Callable[[Session, str], dict[str, Any] | None] | None = None
 
     async def start(self) -> None:
         sock = bind_unix(Path(self.socket_path), "broker.socket", umask=0o111)
@@ -309,6 +312,10 @@ class Server:
         for observer in self.on_ensured:
             observer(session, warm, time.monotonic() - started)
         reply: dict[str, Any] = {"type": "result", "session": self.describe(session, conn)}
+        if command is not None and not tty and self.login_side is not None:
+            local = self.login_side(session, command)
+            if local is not None:  # tried first; the path below stays the fallback (no Landlock)
+                reply["local"] = local
         if command is not None and not tty and self.direct_stream is not None:
             direct = await self.direct_stream(session, command, term)
             if direct is not None:
