@@ -169,6 +169,8 @@ def login_command(command: str, home: str, trees: Sequence[Tree],
         options, paths = words[2:dot], words[dot + 1:]
         if not paths or not all(o.startswith("-") for o in options):
             return None
+        if any(o.split("=")[0] in ("--daemon", "--config", "--dparam") for o in options):
+            return None  # daemon mode reads a config that may name programs to run: not here
         sending = "--sender" in options
         if not all(_path_ok(p, home, trees, not sending) for p in paths):
             return None

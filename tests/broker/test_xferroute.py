@@ -91,6 +91,7 @@ def test_transfers_in_the_trees_run_on_the_login_node(command, argv):
     "scp -f ../../tmp/x", "scp -t -- /home/u/../../tmp", "rsync --server . /tmp/x",
     "rsync --server --sender . /home/u/a /etc/passwd", "rsync --server dest", "rsync -av . x",
     "cat > ../../tmp/x", "scp -t -- 'a\nb'", "scp -f 'unterminated",
+    "rsync --server --daemon .", "rsync --server --daemon --config=/home/u/r.conf . x",
 ])
 def test_everything_else_runs_in_the_allocation(command):
     assert login_argv(command, HOME, TREES, SFTP) is None
