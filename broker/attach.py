@@ -128,16 +128,21 @@ class AttachHub:
             argv = instance_command_argv(session.instance, session.user, session.project, command or "", term)
         return {"host": host, "port": status.port, "key": key_file(session), "argv": argv}
 
-    def login_side(self, session: Session, command: str) -> dict[str, Any] | None:
-        """The login-node form of a transfer on shared storage (:mod:`broker.xferroute`), or None."""
+    def login_side(self, user: User, project: str, profile: str | None, command: str) -> dict[str, Any] | None:
+        """The login-node form of a transfer on shared storage (:mod:`broker.xferroute`), or None.
+
+        Decided before any session is ensured: a transfer served on the login node needs no
+        allocation, so ``scp`` to a cluster whose partition is full works at once and queues
+        no job. The binds are those of the live session's profile, or of the profile a login
+        would get (a job started later sees the same shared files at the same paths)."""
         config = self.manager.config
-        profile = config.profile(session.profile)
-        if profile is None:  # adopted from a job whose profile this config does not have: binds unknown
+        chosen = self.manager.view_profile(user, project, profile)
+        if chosen is None:  # adopted from a job whose profile this config does not have: binds unknown
             return None
-        args = container_args(config, session.user, session.project, session.image or "/x", profile)
-        local = login_spec(command, binds_of(args), config.login_paths, f"/home/{session.user}",
+        args = container_args(config, user.name, project, "/x", chosen)  # the image does not bind anything
+        local = login_spec(command, binds_of(args), config.login_paths, f"/home/{user.name}",
                            str(config.login_sftp_server))
-        self.log.info("command_routed", session=session.id, user=session.user,
+        self.log.info("command_routed", user=user.name, project=project, profile=chosen.name,
                       where="login" if local is not None else "allocation",
                       program=os.path.basename(local["argv"][0]) if local else "")
         return local

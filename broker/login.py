@@ -209,6 +209,15 @@ def main(argv: list[str] | None = None) -> int:
         status = loginxfer.run(result["local"])  # returns only if it could not exec it
         if status is not None:
             return status
+        # No Landlock here (or no such server): the session's own path, asked for plainly.
+        try:
+            with Client(path, require_root=True) as again:
+                result = again.request("ensure", on_progress=progress, **{**fields, "local": False})
+        except BrokerError as exc:
+            progress.done()
+            sys.stderr.write(f"sbroker: {exc.message}\n")
+            return 1
+        progress.done()
     if "direct" in result:
         from . import direct
 

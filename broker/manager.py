@@ -220,6 +220,22 @@ class Manager:
     def current(self, user: str, project: str) -> Session | None:
         return self.by_key.get((user, project))
 
+    def view_profile(self, user: User, project: str, profile: str | None) -> profiles.Profile | None:
+        """The profile whose binds say what ``(user, project)``'s session sees: the live
+        session's, else the one a login asking for ``profile`` would get. The same refusals as
+        :meth:`ensure` (project rule, a profile the user may not use); None when a live session
+        was adopted with a profile this config does not have (its binds are not known)."""
+        jobspec.check_project(self.config, project)
+        session = self.by_key.get((user.name, project))
+        if session is not None and session.state not in TERMINAL:
+            return self.config.profile(session.profile)
+        try:
+            return profiles.choose(self.config.profiles, self.config.default_profile, profile,
+                                   lambda group: in_group(user, group))
+        except profiles.ProfileRefused as exc:
+            self.log.info("profile_refused", user=user.name, project=project, rule=str(exc))
+            raise SessionError("profile", str(exc)) from None
+
     async def ensure(self, user: User, project: str,
                      listener: Callable[[dict[str, Any]], None] | None = None, *,
                      profile: str | None = None, mismatch: str = "refuse", token: object = None,

@@ -103,7 +103,7 @@ class Server:
         self.direct_stream: Callable[..., Awaitable[dict[str, Any] | None]] | None = None
         #: ``ensure`` with a command and no terminal: the login node's form of a transfer on
         #: shared storage (:meth:`broker.attach.AttachHub.login_side`), or None.
-        self.login_side: Callable[[Session, str], dict[str, Any] | None] | None = None
+        self.login_side: Callable[[User, str, str | None, str], dict[str, Any] | None] | None = None
 
     async def start(self) -> None:
         sock = bind_unix(Path(self.socket_path), "broker.socket", umask=0o111)
@@ -241,6 +241,14 @@ class Server:
         mismatch = p.get_str(message, "mismatch", default="refuse", max_len=16)
         if mismatch not in ("refuse", "keep", "replace"):
             raise p.ProtocolError("mismatch", "must be refuse, keep or replace")
+        local = message.get("local", True)
+        if not isinstance(local, bool):
+            raise p.ProtocolError("local", "must be true or false")
+        if local and command is not None and not tty and self.login_side is not None:
+            spec = self.login_side(conn.user, project, profile, command)
+            if spec is not None:  # served on the login node: no session needed, none ensured
+                await conn.send({"type": "result", "local": spec})
+                return
         before = self.manager.current(conn.user.name, project)
         warm = before is not None and before.state == State.READY
         started = time.monotonic()
@@ -312,10 +320,6 @@ class Server:
         for observer in self.on_ensured:
             observer(session, warm, time.monotonic() - started)
         reply: dict[str, Any] = {"type": "result", "session": self.describe(session, conn)}
-        if command is not None and not tty and self.login_side is not None:
-            local = self.login_side(session, command)
-            if local is not None:  # tried first; the path below stays the fallback (no Landlock)
-                reply["local"] = local
         if command is not None and not tty and self.direct_stream is not None:
             direct = await self.direct_stream(session, command, term)
             if direct is not None:
