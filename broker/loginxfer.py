@@ -16,13 +16,17 @@ here but the command, which the broker parsed.
 from __future__ import annotations
 
 import os
+import select
 import signal
+import time
 
 from . import landlock
 
 #: Read-only files a transfer server needs besides its libraries: the loader's cache and the
 #: name service (user and group names in listings).
 SYSTEM_FILES = ("/etc/ld.so.cache", "/etc/nsswitch.conf", "/etc/passwd", "/etc/group")
+#: How long the loader may take to list a binary's libraries (it takes milliseconds).
+LIST_TIMEOUT = 10.0
 
 
 def libraries(binary: str) -> list[str]:
@@ -59,10 +63,20 @@ def _output(argv: list[str], env: dict[str, str]) -> str:
             os._exit(127)
     os.close(write)
     chunks = []
-    while chunk := os.read(read, 65536):
-        chunks.append(chunk)
-    os.close(read)
-    os.waitpid(pid, 0)
+    deadline = time.monotonic() + LIST_TIMEOUT
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([read], [], [], left)[0]:
+                os.kill(pid, signal.SIGKILL)  # a loader that lists and exits takes milliseconds
+                raise OSError(f"{argv[0]} did not list its libraries within {LIST_TIMEOUT:.0f} s")
+            chunk = os.read(read, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
     return b"".join(chunks).decode(errors="replace")
 
 
