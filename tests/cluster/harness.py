@@ -375,7 +375,12 @@ def ensure_groups_and_users() -> None:
             run(["useradd", "--create-home", "--shell", shells[user], "--password", "*",
                  "--groups", group, user])
         else:
-            run(["usermod", "--shell", shells[user], "--password", "*", "-a", "-G", group, user])
+            # Only when something differs: usermod rewrites /etc/passwd (a new inode), which
+            # silently undoes every bind-mounted passwd copy (the compute nodes' bash override,
+            # the benchmarks' plain sshd) made from the old one.
+            if (pwd.getpwnam(user).pw_shell != shells[user] or user not in grp.getgrnam(group).gr_mem
+                    or _shadow_password(user) != "*"):
+                run(["usermod", "--shell", shells[user], "--password", "*", "-a", "-G", group, user])
         other = C.ADMIN_GROUP if group == C.USER_GROUP else C.USER_GROUP
         if user in grp.getgrnam(other).gr_mem:
             run(["gpasswd", "-d", user, other])
@@ -833,6 +838,15 @@ def _wait(pred, timeout: float) -> bool:
 
 _COPY_IGNORE = shutil.ignore_patterns(".git", "tests", "build", "dist", "*.egg-info",
                                       "__pycache__", ".pytest_cache", ".hypothesis", ".venv")
+
+
+def _shadow_password(user: str) -> str | None:
+    """``user``'s password field in /etc/shadow (None: no entry)."""
+    for line in Path("/etc/shadow").read_text().splitlines():
+        fields = line.split(":")
+        if fields[0] == user and len(fields) > 1:
+            return fields[1]
+    return None
 
 
 def install_product() -> None:
