@@ -5,12 +5,13 @@
 (:mod:`broker.xferroute`). The login node's own server then does the work with sshd's pipes
 as its stdin and stdout, exactly as under plain ssh: no relay, no second hop.
 
-Before it execs, this process confines itself (and so the server) with Landlock
-(:mod:`broker.landlock`) to those trees, plus read access to the server's own binary, the
-libraries the dynamic loader maps for it, and the name-service files (so ``ls -l`` shows
-names). Every other path, in particular the login node's ``/tmp`` and a symlink out of the
-home, is refused by the kernel. The trees are the broker's word; the user chooses nothing
-here but the command, which the broker parsed.
+Before it execs, this process moves into a private view of the file system that holds only
+those trees, the server's own binary, the libraries the dynamic loader maps for it and the
+name-service files (:mod:`broker.mountview`: a user and mount namespace, ``chroot``), and
+confines itself there with Landlock (:mod:`broker.landlock`). Every other path, in particular
+the login node's ``/tmp``, does not exist for the server: it can neither read nor change it,
+not even its mode or times; a symlink out of the home leads nowhere. The trees are the
+broker's word; the user chooses nothing here but the command, which the broker parsed.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import select
 import signal
 import time
 
-from . import landlock
+from . import landlock, mountview
 
 #: Read-only files a transfer server needs besides its libraries: the loader's cache and the
 #: name service (user and group names in listings).
@@ -91,13 +92,24 @@ def run(spec: dict[str, object]) -> int | None:
     if not os.access(binary, os.X_OK):  # not installed on this login node: the allocation serves it
         return None
     try:
+        if landlock.abi() < landlock.MIN_ABI:
+            return None
         files = [(binary, landlock.EXECUTE | landlock.READ_FILE)]
         files += [(lib, landlock.EXECUTE | landlock.READ_FILE) for lib in libraries(binary)]
         files += [(path, landlock.READ_FILE) for path in SYSTEM_FILES]
+        mountview.enter_namespace()  # the last step that may fail and leave this process as it was
+    except (landlock.LandlockError, mountview.ViewError, OSError):
+        return None
+    try:
+        # Past the point of no return (a process in its own user namespace cannot take the
+        # session's path: the broker's socket no longer shows as root's): a failure is one line.
+        mountview.build([(path, rights == landlock.WRITE) for path, rights in trees],
+                        [path for path, _ in files], [os.devnull])
         files.append((os.devnull, landlock.READ_FILE | landlock.WRITE_FILE))
         landlock.confine(trees, files)
-    except (landlock.LandlockError, OSError):
-        return None
+    except (landlock.LandlockError, mountview.ViewError, OSError) as exc:
+        os.write(2, f"sbroker: cannot serve this transfer on the login node: {exc}\n".encode())
+        return 255
     try:
         os.chdir(str(spec["cwd"]))
         into = spec.get("stdout")

@@ -192,7 +192,7 @@ sys.exit(loginxfer.run({{"argv": ["/bin/cat", "--", "data", "/etc/hostname"], "c
 """
     out = _in_child(code)
     assert out.stdout == "payload"
-    assert out.stderr == "cat: /etc/hostname: Permission denied\n"
+    assert out.stderr == "cat: /etc/hostname: No such file or directory\n"  # not in its view at all
     assert out.returncode == 1
 
 
@@ -201,3 +201,54 @@ def test_the_login_client_stays_standard_library_only_with_login_side_transfers(
             "bad = [m for m in ('anyio', 'structlog', 'asyncssh', 'subprocess') if m in sys.modules]; print(bad)")
     out = _in_child(code)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+@needs_landlock
+def test_in_the_view_nothing_outside_the_trees_exists_not_even_to_chmod_or_stat(tmp_path):
+    inside, outside = tmp_path / "in", tmp_path / "out"
+    inside.mkdir()
+    outside.mkdir()
+    (outside / "f").write_text("x")
+    (outside / "f").chmod(0o600)
+    (inside / "ref").mkdir()
+    (inside / "link").symlink_to(outside / "f")
+    code = f"""
+import os
+from broker import mountview
+mountview.enter_namespace()
+mountview.build([({str(inside)!r}, True)], ["/etc/passwd"])
+def tryit(what, f):
+    try:
+        f(); print(what, "ok")
+    except OSError as e:
+        print(what, e.errno)
+tryit("chmod-out", lambda: os.chmod({str(outside / 'f')!r}, 0o777))
+tryit("stat-out", lambda: os.stat({str(outside / 'f')!r}))
+tryit("chmod-via-link", lambda: os.chmod({str(inside / 'link')!r}, 0o777))
+tryit("write-in", lambda: open({str(inside / 'new')!r}, "w").write("n"))
+tryit("etc-passwd-write", lambda: open("/etc/passwd", "a"))
+print(sorted(os.listdir("/")))
+"""
+    out = _in_child(code)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[:5] == ["chmod-out 2", "stat-out 2", "chmod-via-link 2", "write-in ok", "etc-passwd-write 30"]
+    assert lines[5] == "['etc', 'tmp']"  # the trees' own path (under the pytest tmp dir) and /etc
+    assert (outside / "f").stat().st_mode & 0o777 == 0o600
+    assert (inside / "new").read_text() == "n"
+
+
+@needs_landlock
+def test_a_read_only_tree_cannot_be_written_in_the_view(tmp_path):
+    (tmp_path / "f").write_text("x")
+    code = f"""
+from broker import mountview
+mountview.enter_namespace()
+mountview.build([({str(tmp_path)!r}, False)], [])
+try:
+    open({str(tmp_path / 'f')!r}, "a"); print("written")
+except OSError as e:
+    print(e.errno)
+"""
+    out = _in_child(code)
+    assert out.stdout.strip() == "30", out.stderr  # EROFS

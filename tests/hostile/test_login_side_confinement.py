@@ -1,7 +1,8 @@
 """The login-side transfer server is confined to the session's trees (``[transfer] login_paths``).
 
 With ``login_paths = ["/home"]`` a transfer in the home runs as the login node's own server
-(sftp-server, scp, rsync, cat), as the user, confined by Landlock to the home. Here alice and
+(sftp-server, scp, rsync, cat), as the user, in a private view of the file system that holds
+only the home (broker.mountview), confined there by Landlock. Here alice and
 bob try to step out of it: sftp ``ls``, ``get``, ``put``, ``chmod``, ``rm``, ``rename``, ``ln``
 and ``ls -l`` of login-node files outside the home are refused; bob cannot read or write alice's files through his server
 even where plain permissions would let him; ``..`` paths, a hand-made scp stream, and a
@@ -81,7 +82,7 @@ def test_sftp_cannot_list_or_read_etc(shared, tmp_path):
 
     since = mark(shared)
     r = sftp(ALICE, f"get /etc/hostname {tmp_path / 'hostname'}")
-    assert (r.returncode, r.stderr) == (1, b'remote open "/etc/hostname": Permission denied\r\n')
+    assert (r.returncode, r.stderr) == (1, b'File "/etc/hostname" not found.\r\n')
     on_login(shared, since, "sftp-server")
     assert not (tmp_path / "hostname").exists()
 
@@ -92,7 +93,7 @@ def test_sftp_cannot_put_into_the_login_nodes_tmp(shared, tmp_path):
     try:
         since = mark(shared)
         r = sftp(ALICE, f"put {tmp_path / 'x'} {target}")
-        assert (r.returncode, r.stderr) == (1, f'dest open "{target}": Permission denied\r\n'.encode())
+        assert (r.returncode, r.stderr) == (1, f'dest open "{target}": No such file or directory\r\n'.encode())
         on_login(shared, since, "sftp-server")
         assert not target.exists()
     finally:
@@ -103,27 +104,28 @@ def test_sftp_cannot_chmod_a_file_outside_the_home(shared, alices_login_tmp_file
     since = mark(shared)
     r = sftp(ALICE, f"chmod 777 {alices_login_tmp_file}")
     on_login(shared, since, "sftp-server")
-    refused = f'remote setstat "{alices_login_tmp_file}": Permission denied\r\n'.encode()
+    refused = f'remote setstat "{alices_login_tmp_file}": No such file or directory\r\n'.encode()
     assert (r.returncode, r.stderr, oct(mode(alices_login_tmp_file))) == (1, refused, oct(0o600))
 
 
 def test_sftp_cannot_remove_rename_or_link_a_file_outside_the_home(shared, alices_login_tmp_file):
     since = mark(shared)
     r = sftp(ALICE, f"rm {alices_login_tmp_file}")
-    assert (r.returncode, r.stderr) == (1, f"remote delete {alices_login_tmp_file}: Permission denied\r\n".encode())
+    assert (r.returncode, r.stderr) == (1, f"remote delete {alices_login_tmp_file}: No such file or directory\r\n".encode())
     on_login(shared, since, "sftp-server")
 
     moved = HOME / f"moved-{alices_login_tmp_file.name}"
     since = mark(shared)
     r = sftp(ALICE, f"rename {alices_login_tmp_file} {moved}")
     assert (r.returncode, r.stderr) == (
-        1, f'remote rename "{alices_login_tmp_file}" to "{moved}": Permission denied\r\n'.encode())
+        1, f'remote rename "{alices_login_tmp_file}" to "{moved}": No such file or directory\r\n'.encode())
     on_login(shared, since, "sftp-server")
 
     since = mark(shared)
     r = sftp(ALICE, f"ln {alices_login_tmp_file} {moved}")  # a hard link into the home
-    # Landlock refuses a link from outside the trees with EXDEV, which sftp-server reports as a failure.
-    assert (r.returncode, r.stderr) == (1, f'remote link "{alices_login_tmp_file}" to "{moved}": Failure\r\n'.encode())
+    # Outside the trees nothing exists in the server's view: there is nothing to link.
+    assert (r.returncode, r.stderr) == (
+        1, f'remote link "{alices_login_tmp_file}" to "{moved}": No such file or directory\r\n'.encode())
     on_login(shared, since, "sftp-server")
     assert alices_login_tmp_file.read_bytes() == b"alice's file on the login node\n"
     assert not moved.exists()
@@ -170,18 +172,18 @@ def test_bob_cannot_read_or_write_alices_files_through_his_login_side_server(bed
 
     since = mark(bob)
     r = sftp(BOB, f"get {target} {tmp_path / 'f'}")
-    assert (r.returncode, r.stderr) == (1, f'remote open "{target}": Permission denied\r\n'.encode())
+    assert (r.returncode, r.stderr) == (1, f'File "{target}" not found.\r\n'.encode())
     on_login(bob, since, "sftp-server", user=BOB)
     assert not (tmp_path / "f").exists()
 
     since = mark(bob)
     r = sftp(BOB, f"put {tmp_path / 'g'} {other}")
-    assert (r.returncode, r.stderr) == (1, f'dest open "{other}": Permission denied\r\n'.encode())
+    assert (r.returncode, r.stderr) == (1, f'dest open "{other}": No such file or directory\r\n'.encode())
     on_login(bob, since, "sftp-server", user=BOB)
 
     since = mark(bob)
     r = sftp(BOB, f"rm {target}")
-    assert (r.returncode, r.stderr) == (1, f"remote delete {target}: Permission denied\r\n".encode())
+    assert (r.returncode, r.stderr) == (1, f"remote delete {target}: No such file or directory\r\n".encode())
     on_login(bob, since, "sftp-server", user=BOB)
 
     # cat and scp -O name a path outside his trees: his allocation, where alice's home is not.
@@ -254,14 +256,14 @@ def test_a_symlink_planted_in_the_home_does_not_let_a_write_reach_the_login_node
         since = mark(shared)
         if tool == "scp-O":
             r = scp("-O", str(tmp_path / "up"), remote(through))
-            assert (r.returncode, r.stderr) == (1, f"scp: {through}: Permission denied\n".encode())
+            assert (r.returncode, r.stderr) == (1, f"scp: {through}: No such file or directory\n".encode())
         elif tool == "rsync":
             r = rsync(str(tmp_path / "up"), remote(through))
-            assert r.returncode == 23, r.stderr
-            assert b"Permission denied" in r.stderr
+            assert r.returncode == 3, r.stderr
+            assert b"No such file or directory" in r.stderr
         else:
             r = ssh(ALICE, f"cat > {through}", input=payload)
-            assert (r.returncode, r.stdout, r.stderr) == (1, b"", f"sbroker: {through}: Permission denied\n".encode())
+            assert (r.returncode, r.stdout, r.stderr) == (1, b"", f"sbroker: {through}: No such file or directory\n".encode())
         on_login(shared, since, tool.removesuffix("-O"))
         assert not Path("/tmp", name).exists()
     finally:
