@@ -25,27 +25,14 @@ import pytest
 
 from tests.cluster import config as tb
 from tests.e2e.conftest import ssh
-from tests.e2e.test_direct_streams import HOME, MIB, Live, direct_started, remote, scp, sha256
-from tests.e2e.test_login_side_transfers import (Bed, alice_ids, at, in_allocation, mark, on_login, routed, rsync,
-                                                 session_sha, sftp)
-from tests.integration.daemon import reset_state
+from tests.e2e.test_direct_streams import HOME, MIB, direct_started, remote, scp, sha256
+# bed and shared are the e2e module's fixtures: one daemon and one session for both modules' tests
+from tests.e2e.test_login_side_transfers import (alice_ids, at, bed, in_allocation, mark, on_login, routed,  # noqa: F401
+                                                 rsync, session_sha, sftp, shared)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 ALICE, BOB = tb.USERS
-
-
-@pytest.fixture(scope="module")
-def bed(cluster) -> Iterator[Bed]:
-    holder = Bed()
-    yield holder
-    holder.stop()
-    reset_state()
-
-
-@pytest.fixture
-def shared(bed) -> Live:
-    return bed.session("shared")
 
 
 def login_tmp(tag: str) -> Path:
