@@ -96,14 +96,18 @@ fail() {
 
 instance_listed() {
     # 0: listed under exactly this name; 1: not listed; 2: 'instance list' failed.
-    local out
-    out=$(apptainer instance list --json 2>>"$err_file")
-    list_rc=$?
-    [ "$list_rc" = 0 ] || return 2
-    printf '%s\n' "$out" \
+    # One pipeline, no $(...): bash 5.2 (Debian 12) can hang when a trapped signal lands
+    # while it runs a command substitution ("trap: line 2: unexpected EOF while looking for
+    # matching ')'"), and this runs every POLL_SECONDS for the job's whole life. The last
+    # grep reads all its input (no -q), so 'instance list' never dies of SIGPIPE.
+    apptainer instance list --json 2>>"$err_file" \
         | grep -o '"instance"[[:space:]]*:[[:space:]]*"[^"]*"' \
         | sed -e 's/.*"\([^"]*\)"$/\1/' \
-        | grep -qxF -- "$INSTANCE"
+        | grep -xF -- "$INSTANCE" >/dev/null
+    local rcs=("${PIPESTATUS[@]}")
+    list_rc=${rcs[0]}
+    [ "$list_rc" = 0 ] || return 2
+    [ "${rcs[3]}" = 0 ]
 }
 
 pause() {
