@@ -37,7 +37,7 @@ from . import protocol as p
 from .agentlaunch import attach_argv
 from .agents import Agents, key_file
 from .identity import User, lookup_name
-from .jobspec import container_args
+from .jobspec import container_args, shared_dirs
 from .manager import Manager, SessionError
 from .server import Connection, Server
 from .session import Session, State
@@ -68,7 +68,7 @@ class AttachHub:
         server.attach_exec = self.login_exec
         if manager.config.direct_streams:
             server.direct_stream = self.direct_stream
-        if manager.config.login_paths:
+        if manager.config.login_side or manager.config.login_paths:
             server.login_side = self.login_side
         server.describers.append(self.describe)
         server.refreshers.append(agents.refresh)
@@ -140,8 +140,8 @@ class AttachHub:
         if chosen is None:  # adopted from a job whose profile this config does not have: binds unknown
             return None
         args = container_args(config, user.name, project, "/x", chosen)  # the image does not bind anything
-        local = login_spec(command, binds_of(args), config.login_paths, f"/home/{user.name}",
-                           str(config.login_sftp_server))
+        shared = [*shared_dirs(config, user.name, project), *config.login_paths]
+        local = login_spec(command, binds_of(args), shared, f"/home/{user.name}", str(config.login_sftp_server))
         self.log.info("command_routed", user=user.name, project=project, profile=chosen.name,
                       where="login" if local is not None else "allocation",
                       program=os.path.basename(local["argv"][0]) if local else "")

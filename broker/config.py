@@ -131,10 +131,12 @@ class Config:
     ssh_endpoint: bool = True
     #: sshd's ``AuthorizedKeysFile`` for it (relative paths are to the home; ``%h``/``%u`` allowed).
     ssh_authorized_keys: str = ".ssh/authorized_keys"
-    #: Host directories that are the same files on login and compute nodes (shared storage).
-    #: Transfers (sftp, scp, rsync) whose every path the session sees at the same place in
-    #: them are served on the login node (:mod:`broker.xferroute`). Empty: none, all go to the
-    #: allocation.
+    #: Transfers (sftp, scp, rsync, cat) whose every path the session sees at the same place
+    #: in its home or project directory are served on the login node (:mod:`broker.xferroute`):
+    #: both must already be the same files on login and compute nodes (docs/admin.md, 16).
+    login_side: bool = True
+    #: Further host directories that are the same files on login and compute nodes (identity
+    #: binds of ``host_mounts`` or profiles there are served on the login node too).
     login_paths: tuple[str, ...] = ()
     #: The login node's sftp-server, for those transfers.
     login_sftp_server: str = "/usr/lib/openssh/sftp-server"
@@ -225,6 +227,7 @@ _FIELDS: list[tuple[str, str, str, str]] = [
     ("transfer", "listen", "stream_listen", "address"),
     ("transfer", "ssh_endpoint", "ssh_endpoint", "bool"),
     ("transfer", "authorized_keys", "ssh_authorized_keys", "keysfile"),
+    ("transfer", "login_side", "login_side", "bool"),
     ("transfer", "login_paths", "login_paths", "abspathlist"),
     ("transfer", "sftp_server", "login_sftp_server", "abspath"),
     ("extend", "step", "extend_step", "slurmtime"),

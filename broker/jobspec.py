@@ -86,6 +86,16 @@ def log_path(config: Config, user: User, instance: str) -> Path:
     return job_dir(config, user) / f"{v.validate_instance_name(instance)}.log"
 
 
+def shared_dirs(config: Config, username: str, project: str) -> list[str]:
+    """The host directories this product already needs shared by login and compute nodes
+    (docs/admin.md, section 16): the user's home and the project dir, when
+    ``[transfer] login_side`` lets transfers there be served on the login node."""
+    if not config.login_side:
+        return []
+    return [config.user_dir.format(user=username, project=project),
+            config.project_dir.format(user=username, project=project)]
+
+
 def container_args(config: Config, username: str, project: str, image: str,
                    profile: profiles.Profile) -> list[str]:
     """The ``apptainer`` arguments of a session's instance: binds, environment, profile flags.

@@ -12,7 +12,7 @@ import pytest
 
 from broker import landlock, loginxfer
 from broker.config import ConfigError, parse
-from broker.jobspec import container_args
+from broker.jobspec import container_args, shared_dirs
 from broker.profiles import Bind
 from broker.xferroute import Tree, binds_of, login_argv, login_command, login_spec, login_trees
 
@@ -30,6 +30,26 @@ def test_the_default_config_binds_home_and_project_at_the_same_paths():
     assert Bind("/home/u", "/home/u", "rw") in binds
     assert Bind("/home/u/proj/p", "/home/u/proj/p", "rw") in binds
     assert login_trees(binds, config.login_paths, HOME) == (Tree("/home/u", True), Tree("/home/u/proj/p", True))
+
+
+def test_by_default_the_home_and_project_dir_are_served_on_the_login_node():
+    config = parse({"container": {"image": "/images/base.sif"}})
+    assert config.login_side is True and config.login_paths == ()
+    shared = shared_dirs(config, "u", "p")
+    assert shared == ["/home/u", "/home/u/proj/p"]
+    binds = binds_of(container_args(config, "u", "p", "/images/base.sif", config.profiles[0]))
+    assert login_trees(binds, shared, HOME) == (Tree("/home/u", True), Tree("/home/u/proj/p", True))
+
+
+def test_login_side_off_and_no_login_paths_means_no_trees():
+    config = parse({"container": {"image": "/images/base.sif"}, "transfer": {"login_side": False}})
+    assert shared_dirs(config, "u", "p") == []
+
+
+def test_a_project_dir_elsewhere_is_shared_but_mounted_inside_the_home_so_nothing_is_served():
+    config = parse({"container": {"image": "/images/base.sif", "project_dir": "/data/{project}"}})
+    binds = binds_of(container_args(config, "u", "p", "/images/base.sif", config.profiles[0]))
+    assert login_trees(binds, shared_dirs(config, "u", "p"), HOME) == ()
 
 
 def test_no_shared_storage_declared_means_no_trees():

@@ -105,7 +105,7 @@ class Bed:
     def session(self, direct: bool = True) -> Live:
         if self.broker is None or self.direct != direct or self.broker.proc.poll() is not None:
             self.stop()
-            self.broker = broker_with("" if direct else "[transfer]\ndirect = false\n",
+            self.broker = broker_with("", transfer_direct=direct,
                                       container_project_dir=MAPPED_PROJECT_DIR)  # from an empty state
             self.direct, self.live = direct, None
         if self.live is None:

@@ -1,5 +1,6 @@
 """A transfer served on the login node needs no session (issue 19): through the real sshd, SLURM
-and users, with ``[transfer] login_paths = ["/home"]``.
+and users, with the product's default ``[transfer] login_side = true`` (the test bed's
+integration config turns it off for the other tests).
 
 ``ssh host 'cat > f'`` and sftp of files in the home neither create nor wait for a session (no
 job is submitted); a login node whose server cannot be run (here: the configured sftp-server
@@ -25,7 +26,6 @@ from .conftest import ALICE, ssh
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
-SHARED = '[transfer]\nlogin_paths = ["/home"]\n'
 HOME = Path(f"/home/{ALICE}")
 
 
@@ -53,7 +53,7 @@ def sessions_of(project: str) -> list[dict]:
 
 
 def test_an_upload_on_shared_storage_creates_no_session_and_submits_no_job(fresh):
-    broker = broker_with(SHARED)
+    broker = broker_with("", transfer_login_side=True)  # the product's default: the home and project dir
     try:
         project = f"x{secrets.token_hex(3)}"
         target = HOME / f"nosession-{project}.bin"
@@ -72,7 +72,7 @@ def test_an_upload_on_shared_storage_creates_no_session_and_submits_no_job(fresh
 
 
 def test_a_server_the_login_node_cannot_run_falls_back_to_the_session(fresh):
-    broker = broker_with(SHARED + 'sftp_server = "/nonexistent/sftp-server"\n')
+    broker = broker_with("", transfer_login_side=True, transfer_sftp_server="/nonexistent/sftp-server")
     try:
         project = f"y{secrets.token_hex(3)}"
         name = f"fallback-{project}.txt"

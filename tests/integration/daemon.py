@@ -31,6 +31,9 @@ def config_text(extra_toml: str = "", **overrides: object) -> str:
                       "project_dir": "/home/{user}/proj/{project}", "default_project": "default"},
         # No spare shell by default: tests count shells and their ids; test_spare_shell turns it on.
         "timeouts": {"pending": 120, "start": 60, "detach_grace": 60, "spare_shell": False},
+        # Transfers go to the allocation (what most tests exercise); the login side's tests
+        # (tests/e2e/test_login_side_*.py) turn it on.
+        "transfer": {"login_side": False},
     }
     for key, value in overrides.items():
         section, _, name = key.partition("_")
