@@ -30,7 +30,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = {
     "full": dict(readiness=200, verify=5, verify_mb=1024, import_n=20, sched_ns=[1, 10, 50, 200], sched_s=10.0,
                  warm=30, pty=3, pty_mb=200, keys=200, cold=25, immediate=15, hostile_blocks=3, hostile_per=10, rss=200,
-                 rss_restarts=5, rss_terms=100, rss_rounds=3, transfer=5, transfer_mb=200,
+                 rss_restarts=5, rss_terms=100, rss_rounds=3, transfer=7, transfer_mb=200,
                  transfer_files=2000, sshe_true=15, sshe_scp=5, sshe_mb=200),
     "quick": dict(readiness=30, verify=2, verify_mb=128, import_n=5, sched_ns=[1, 10], sched_s=4.0,
                   warm=3, pty=1, pty_mb=20, keys=30, cold=2, immediate=2, hostile_blocks=1, hostile_per=3, rss=200,
