@@ -108,7 +108,7 @@ def open_beneath_no_symlinks(path: str) -> int:
         raise
 
 
-def confine(trees: list[tuple[str, int]], files: list[tuple[str, int]], *, nofollow_trees: bool = True) -> int:
+def confine(trees: list[tuple[str, int]], files: list[tuple[str, int]]) -> int:
     """Restrict this process (and what it execs) to ``trees`` (directories, with the rights
     given beneath them) and ``files`` (single files, with file rights). Returns the ABI used.
 
@@ -132,8 +132,7 @@ def confine(trees: list[tuple[str, int]], files: list[tuple[str, int]], *, nofol
     try:
         for path, rights, is_tree in [*((p, r, True) for p, r in trees), *((p, r, False) for p, r in files)]:
             try:
-                fd = open_beneath_no_symlinks(path) if (is_tree and nofollow_trees) else \
-                    os.open(path, os.O_PATH | os.O_CLOEXEC)
+                fd = open_beneath_no_symlinks(path) if is_tree else os.open(path, os.O_PATH | os.O_CLOEXEC)
             except (OSError, LandlockError):
                 continue  # absent, or reached through a symlink: refused
             try:
