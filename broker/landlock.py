@@ -57,15 +57,16 @@ class LandlockError(Exception):
     """The kernel has no usable Landlock, or a rule could not be made."""
 
 
-def _libc() -> ctypes.CDLL:
+def libc() -> ctypes.CDLL:
+    """This process's C library, with errno kept (also :mod:`broker.mountview`'s)."""
     return ctypes.CDLL(None, use_errno=True)
 
 
 def abi() -> int:
     """The kernel's Landlock ABI version; 0 when it has none (not built, or not enabled)."""
-    libc = _libc()
-    libc.syscall.restype = ctypes.c_long
-    version = libc.syscall(_SYS_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(_CREATE_RULESET_VERSION))
+    lib = libc()
+    lib.syscall.restype = ctypes.c_long
+    version = lib.syscall(_SYS_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(_CREATE_RULESET_VERSION))
     return max(int(version), 0)
 
 
@@ -120,12 +121,12 @@ def confine(trees: list[tuple[str, int]], files: list[tuple[str, int]]) -> int:
     version = abi()
     if version < MIN_ABI:
         raise LandlockError(f"the kernel's Landlock ABI is {version}; at least {MIN_ABI} is needed")
-    libc = _libc()
-    libc.syscall.restype = ctypes.c_long
+    lib = libc()
+    lib.syscall.restype = ctypes.c_long
     handled = handled_rights(version)
     attr = struct.pack("=Q", handled)  # landlock_ruleset_attr: handled_access_fs (ABI < 4 size)
     buf = ctypes.create_string_buffer(attr, len(attr))
-    ruleset = libc.syscall(_SYS_CREATE_RULESET, buf, ctypes.c_size_t(len(attr)), ctypes.c_uint32(0))
+    ruleset = lib.syscall(_SYS_CREATE_RULESET, buf, ctypes.c_size_t(len(attr)), ctypes.c_uint32(0))
     if ruleset < 0:
         err = ctypes.get_errno()
         raise LandlockError(f"landlock_create_ruleset: {os.strerror(err)}")
@@ -140,15 +141,15 @@ def confine(trees: list[tuple[str, int]], files: list[tuple[str, int]]) -> int:
                 granted = rights & handled & (handled if is_dir else FILE_RIGHTS)
                 # landlock_path_beneath_attr is packed: u64 allowed_access, s32 parent_fd.
                 rule = ctypes.create_string_buffer(struct.pack("=Qi", granted, fd), 12)
-                if granted and libc.syscall(_SYS_ADD_RULE, ctypes.c_int(ruleset), ctypes.c_int(_RULE_PATH_BENEATH),
+                if granted and lib.syscall(_SYS_ADD_RULE, ctypes.c_int(ruleset), ctypes.c_int(_RULE_PATH_BENEATH),
                                             rule, ctypes.c_uint32(0)) < 0:
                     err = ctypes.get_errno()
                     raise LandlockError(f"landlock_add_rule {path}: {os.strerror(err)}")
             finally:
                 os.close(fd)
-        if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        if lib.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
             raise LandlockError(f"prctl(PR_SET_NO_NEW_PRIVS): {os.strerror(ctypes.get_errno())}")
-        if libc.syscall(_SYS_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0)) < 0:
+        if lib.syscall(_SYS_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0)) < 0:
             raise LandlockError(f"landlock_restrict_self: {os.strerror(ctypes.get_errno())}")
     finally:
         os.close(ruleset)

@@ -86,8 +86,7 @@ def run(spec: dict[str, object]) -> int | None:
     failure: None when it is not installed or this kernel cannot confine it (the caller takes
     the allocation's path), else an exit status after one line on stderr."""
     argv = [str(a) for a in spec["argv"]]  # type: ignore[union-attr]
-    trees = [(str(path), landlock.WRITE if mode == "rw" else landlock.READ)
-             for path, mode in spec["trees"]]  # type: ignore[union-attr]
+    trees = [(str(path), mode == "rw") for path, mode in spec["trees"]]  # type: ignore[union-attr]
     binary = argv[0]
     if not os.access(binary, os.X_OK):  # not installed on this login node: the allocation serves it
         return None
@@ -103,10 +102,9 @@ def run(spec: dict[str, object]) -> int | None:
     try:
         # Past the point of no return (a process in its own user namespace cannot take the
         # session's path: the broker's socket no longer shows as root's): a failure is one line.
-        mountview.build([(path, rights == landlock.WRITE) for path, rights in trees],
-                        [path for path, _ in files], [os.devnull])
+        mountview.build(trees, [path for path, _ in files], [os.devnull])
         files.append((os.devnull, landlock.READ_FILE | landlock.WRITE_FILE))
-        landlock.confine(trees, files)
+        landlock.confine([(path, landlock.WRITE if writable else landlock.READ) for path, writable in trees], files)
     except (landlock.LandlockError, mountview.ViewError, OSError) as exc:
         os.write(2, f"sbroker: cannot serve this transfer on the login node: {exc}\n".encode())
         return 255

@@ -21,7 +21,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-from .landlock import LandlockError, open_beneath_no_symlinks
+from .landlock import LandlockError, libc as _libc, open_beneath_no_symlinks
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
@@ -39,10 +39,6 @@ STAGE = "/tmp"
 
 class ViewError(Exception):
     """The view could not be made."""
-
-
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
 
 
 def _mount(libc: ctypes.CDLL, source: str | None, target: str, fstype: str | None, flags: int,
