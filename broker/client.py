@@ -73,7 +73,7 @@ class Client:
         self.close()
 
     def send(self, message: dict[str, object]) -> None:
-        self.sock.sendall(p.encode_json(message))
+        self.sock.sendall(p.encode_request(message))
 
     def send_data(self, data: bytes) -> None:
         for start in range(0, len(data), p.MAX_DATA):
@@ -109,7 +109,7 @@ class Client:
         kind, payload = self.recv_frame()
         if kind != p.KIND_JSON:
             raise BrokerError("unexpected data frame from broker", code="protocol")
-        return p.decode_json(payload)
+        return p.decode_json(payload, max_depth=None)
 
     def request(self, op: str, on_progress: Callable[[dict[str, object]], None] | None = None,
                 on_question: Callable[[dict[str, object]], str] | None = None,

@@ -16,19 +16,19 @@ the C cores where the Python layer above them only costs time here: ``_socket`` 
 TCP connections (``socket`` imports ``selectors`` and builds its enum classes: 2.7 ms),
 ``_thread`` for two daemon threads (``threading``: 2 ms), the built-in SHA-256 for one HMAC
 (``hashlib`` and ``hmac`` load OpenSSL's libcrypto: 5 ms), ``os.urandom`` for a nonce
-(``secrets`` imports ``hmac``, ``random`` and ``base64``).
+(``secrets`` imports ``hmac``, ``random`` and ``base64``), and the protocol's ``json`` codec
+(``json`` imports ``re`` and ``enum``: 9 ms).
 """
 
 from __future__ import annotations
 
+import _signal as signal  # the C half of ``signal`` (``signal.py`` builds enum classes)
 import _socket
 import _thread
 import errno
 import fcntl
-import json
 import os
 import select
-import signal
 import struct
 import sys
 
@@ -39,6 +39,8 @@ except ImportError:
         from _sha256 import sha256  # CPython 3.11
     except ImportError:  # a build without the built-in hashes (FIPS builds): OpenSSL's
         from hashlib import sha256
+
+from .protocol import dumps, loads  # ``json`` without ``import json`` (``re``, ``enum``: 9 ms)
 
 MAGIC = b"SBA1"
 NONCE = 32
@@ -92,7 +94,7 @@ def _recv_line(sock: _socket.socket) -> dict[str, object]:
         if not chunk or len(data) > 65536:
             raise StreamError("the session agent did not answer the request")
         data += chunk
-    return json.loads(data.decode())
+    return loads(data.decode())
 
 
 def _connect(host: str, port: int) -> _socket.socket:
@@ -127,7 +129,7 @@ def open_stream(host: str, port: int, key: bytes, request: dict[str, object]) ->
         server_nonce, proof = answer[:NONCE], answer[NONCE:]
         if not _same(proof, _mac(key, b"server", client_nonce, server_nonce)):
             raise StreamError(f"the listener at {host}:{port} is not this session's agent (wrong key proof)")
-        sock.sendall(_mac(key, b"client", client_nonce, server_nonce) + json.dumps(request).encode() + b"\n")
+        sock.sendall(_mac(key, b"client", client_nonce, server_nonce) + dumps(request).encode() + b"\n")
         reply = _recv_line(sock) if request.get("op") == "exec" else {}
     except OSError as exc:
         sock.close()
@@ -302,6 +304,6 @@ def _control_loop(control: _socket.socket) -> int:
                     except OSError:
                         break
             elif kind == b"J":
-                message = json.loads(payload.decode())
+                message = loads(payload.decode())
                 if message.get("type") == "exit":
                     return int(message.get("status", EXIT_LOST))

@@ -28,10 +28,17 @@ sent that signal and passes it on to the shell's foreground job), ``eof`` and ``
 
 from __future__ import annotations
 
-import json
-import re
 import struct
 from itertools import accumulate
+
+try:  # the C half of ``json``; ``import json`` alone costs every login ~9 ms (``re``, ``enum``)
+    from _json import encode_basestring_ascii as _quote, make_scanner as _make_scanner
+except ImportError:  # an interpreter without it: the pure-Python halves, whatever they cost
+    from json.decoder import JSONDecoder as _Decoder
+    from json.encoder import py_encode_basestring_ascii as _quote
+
+    def _make_scanner(context: object) -> object:
+        return _Decoder().scan_once
 
 VERSION = 1
 
@@ -53,8 +60,6 @@ MAX_DATA = 64 * 1024
 #: with an error reply instead of exhausting the recursion limit of the C decoder.
 MAX_DEPTH = 32
 
-# ``re`` costs ``sbroker login`` nothing: ``json.decoder`` imports it already.
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
 #: ``[``/``{`` open a level (+1), ``]``/``}`` close one (0xff: -1 as a signed byte).
 _LEVEL = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
@@ -86,8 +91,72 @@ def encode(kind: bytes, payload: bytes, *, max_json: int = MAX_JSON) -> bytes:
 
 
 def encode_json(message: dict[str, object], *, max_json: int = MAX_JSON) -> bytes:
-    """Frame one JSON message (compact, UTF-8); replies pass ``max_json=MAX_REPLY``."""
+    """Frame one JSON message (compact, UTF-8); replies pass ``max_json=MAX_REPLY``.
+
+    The daemon and admin tools, which import ``json`` anyway, frame with it (its C encoder,
+    for replies that list every session); ``sbroker login`` frames its few small requests
+    with :func:`dumps` (the same bytes) so that it never imports ``json``."""
+    import json  # already loaded wherever replies are made
+
     return encode(KIND_JSON, json.dumps(message, separators=(",", ":")).encode(), max_json=max_json)
+
+
+def encode_request(message: dict[str, object]) -> bytes:
+    """Frame one client request without importing ``json`` (:func:`dumps`)."""
+    return encode(KIND_JSON, dumps(message).encode())
+
+
+def dumps(value: object) -> str:
+    """``json.dumps(value, separators=(",", ":"))`` for plain data (dicts with string keys,
+    lists, tuples, strings, ints, finite floats, booleans, None); anything else is a
+    ``TypeError``, as it is for ``json`` without a ``default``."""
+    if isinstance(value, str):
+        return _quote(value)
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, int):
+        return int.__repr__(value)
+    if isinstance(value, float) and value - value == 0:  # finite (json's NaN/Infinity are not JSON)
+        return float.__repr__(value)
+    if isinstance(value, dict):
+        if not all(isinstance(key, str) for key in value):
+            raise TypeError("dumps: object keys must be strings")
+        return "{" + ",".join(_quote(key) + ":" + dumps(item) for key, item in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(dumps(item) for item in value) + "]"
+    raise TypeError(f"dumps: {type(value).__name__} is not plain data")
+
+
+class _Plain:
+    """What the C scanner reads from its ``json.JSONDecoder``: the defaults of ``json.loads``."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = {"-Infinity": float("-inf"), "Infinity": float("inf"), "NaN": float("nan")}.__getitem__
+
+
+_scan = _make_scanner(_Plain())
+
+
+def loads(text: str) -> object:
+    """``json.loads(text)`` without importing ``json``: the C scanner ``json.loads`` itself
+    uses, plus the surrounding whitespace and trailing-data checks of ``JSONDecoder.decode``.
+    Raises ``ValueError`` (``RecursionError`` for nesting beyond the interpreter's limit)."""
+    start = len(text) - len(text.lstrip(" \t\n\r"))
+    try:
+        value, end = _scan(text, start)
+    except StopIteration:
+        raise ValueError(f"expecting a value at character {start}") from None
+    if text[end:].strip(" \t\n\r"):
+        raise ValueError(f"extra data at character {end}")
+    return value
 
 
 def parse_header(header: bytes, *, max_json: int = MAX_JSON) -> tuple[bytes, int]:
@@ -109,17 +178,33 @@ def json_depth(payload: bytes) -> int:
     the remaining brackets is taken in C (``accumulate``), so the check costs a few
     microseconds per KiB and no recursion however deep the input.
     """
-    skeleton = _JSON_STRING.sub(b"", payload).translate(_LEVEL, _NOT_BRACKET)
+    skeleton = _json_string().sub(b"", payload).translate(_LEVEL, _NOT_BRACKET)
     return max(accumulate(memoryview(skeleton).cast("b")), default=0)
 
 
-def decode_json(payload: bytes) -> dict[str, object]:
-    """Decode a JSON frame payload into a dict, or raise :class:`ProtocolError`."""
-    if json_depth(payload) > MAX_DEPTH:
-        raise ProtocolError("frame", f"JSON nests deeper than {MAX_DEPTH} levels")
+def _json_string():  # type: ignore[no-untyped-def]
+    """The pattern of one JSON string literal, compiled on first use (``re`` is for the
+    daemon, which checks depth; ``sbroker login`` trusts its broker's replies)."""
+    global _JSON_STRING
+    if _JSON_STRING is None:
+        import re
+
+        _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+    return _JSON_STRING
+
+
+_JSON_STRING = None
+
+
+def decode_json(payload: bytes, *, max_depth: int | None = MAX_DEPTH) -> dict[str, object]:
+    """Decode a JSON frame payload into a dict, or raise :class:`ProtocolError`. ``max_depth``
+    None skips the nesting check: for replies from the broker, which the client trusts (a
+    corrupt one still ends in a ProtocolError, by way of the interpreter's recursion limit)."""
+    if max_depth is not None and json_depth(payload) > max_depth:
+        raise ProtocolError("frame", f"JSON nests deeper than {max_depth} levels")
     try:
-        message = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        message = loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ProtocolError("frame", f"payload is not UTF-8 JSON ({exc.__class__.__name__})") from None
     if not isinstance(message, dict):
         raise ProtocolError("frame", "payload must be a JSON object")

@@ -85,3 +85,56 @@ def test_large_replies_pass_large_requests_do_not():
     assert p.decode_json(payload) == message
     with pytest.raises(p.ProtocolError):
         p.parse_header(frame[:5])  # the daemon's reading side keeps the small bound
+
+
+# ``sbroker login`` frames and reads JSON without importing ``json`` (p.dumps, p.loads): the
+# bytes and values must be exactly json's, for anything a message can hold.
+_plain = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=30,
+)
+
+
+@given(_plain)
+def test_dumps_is_compact_json_dumps(value):
+    import json
+
+    assert p.dumps(value) == json.dumps(value, separators=(",", ":"))
+
+
+@given(_plain, st.sampled_from(["", " ", "\n", " \t\r\n"]))
+def test_loads_is_json_loads(value, space):
+    import json
+
+    text = space + json.dumps(value) + space
+    assert p.loads(text) == json.loads(text)
+
+
+@pytest.mark.parametrize("text", ["", "   ", "{", '{"a":1}x', '{"a":1} {}', "[1,]", "{'a':1}", '"\x01"', "tru"])
+def test_loads_refuses_what_json_refuses(text):
+    import json
+
+    with pytest.raises(ValueError):
+        json.loads(text)
+    with pytest.raises(ValueError):
+        p.loads(text)
+
+
+@pytest.mark.parametrize("value", [{1: "a"}, {"a": {1, 2}}, b"bytes", float("nan"), float("inf"), object()])
+def test_dumps_refuses_what_is_not_plain_data(value):
+    with pytest.raises(TypeError):
+        p.dumps(value)
+
+
+def test_login_path_does_not_import_json_re_or_enum():
+    """What every SSH login imports (measured in docs/benchmarks.md): the login client, its
+    transfer and direct-stream paths never load ``json``, ``re`` or ``enum`` (9-14 ms)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from broker.cli import main; import broker.login, broker.client, broker.direct, "
+            "broker.loginxfer; print(sorted({'json', 're', 'enum', 'signal', 'typing'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
