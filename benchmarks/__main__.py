@@ -26,11 +26,13 @@ CLUSTER = {"sched", "warm", "pty", "transfer", "sshendpoint", "cold", "immediate
 NEEDS_BROKER = {"warm", "pty", "transfer", "sshendpoint", "cold"}
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# n per benchmark: full run (fits in 15 minutes on 2 cores) and --quick.
+# n per benchmark: full run (about 30 minutes on 2 cores) and --quick. transfer: 15 rounds (7
+# until 83b352a, whose three runs missed a different 2-4 of 16 rows each time: on this VM a 200 MiB
+# transfer's time spreads 0.6-2.2 s on either side, and a median of 7 moves by ~8%).
 SIZES = {
     "full": dict(readiness=200, verify=5, verify_mb=1024, import_n=20, sched_ns=[1, 10, 50, 200], sched_s=10.0,
                  warm=30, pty=3, pty_mb=200, keys=200, cold=25, immediate=15, hostile_blocks=3, hostile_per=10, rss=200,
-                 rss_restarts=5, rss_terms=100, rss_rounds=3, transfer=7, transfer_mb=200,
+                 rss_restarts=5, rss_terms=100, rss_rounds=3, transfer=15, transfer_mb=200,
                  transfer_files=2000, sshe_true=15, sshe_scp=5, sshe_mb=200),
     "quick": dict(readiness=30, verify=2, verify_mb=128, import_n=5, sched_ns=[1, 10], sched_s=4.0,
                   warm=3, pty=1, pty_mb=20, keys=30, cold=2, immediate=2, hostile_blocks=1, hostile_per=3, rss=200,

@@ -195,11 +195,20 @@ CASES = [  # key, (upload label, download label), command maker, tree?
 ]
 
 
-def _quiesce() -> None:
+def _quiesce(source: Path) -> None:
     """Before each timed transfer: write back what the previous one left dirty (the 200 MiB
-    file, 2,000 files and their unlinks), so no transfer pays for its predecessor's writeback.
-    Added after the runs at b6ad00e and 60d800e, whose tree rows spread 2.9-12 s on one side."""
+    file, 2,000 files and their unlinks), so no transfer pays for its predecessor's writeback,
+    and read the source once, so none pays for reading it back from disk. Writeback: added
+    after the runs at b6ad00e and 60d800e, whose tree rows spread 2.9-12 s on one side. The
+    read: added after the run at 83b352a, on finding that the bed's VM pages out page cache
+    left untouched for a minute (DAMON ``pageout``, /sys/kernel/mm/damon): the payload went
+    cold while the tree cases ran, and the first upload of a round, either side, re-read it."""
     subprocess.run(["sync"], check=False)
+    for path in sorted(source.rglob("*")) if source.is_dir() else [source]:
+        if path.is_file():
+            with open(path, "rb") as fh:
+                while fh.read(4 << 20):
+                    pass
 
 
 def _log_size() -> int:
@@ -275,13 +284,13 @@ def transfer(broker: bed.Broker, n: int, size_mb: int, files: int) -> list[Row]:
             ldst = LOCAL / f"down-{side_name}-{key}-{rnd}"
             _rm(rdst), _rm(ldst)
             src = src_tree if tree else src_file
-            _quiesce()
+            _quiesce(src)
             t_up = _run(env=side.env, **make(side, True, str(src), str(rdst), tree))
             if tree:
                 _check_tree(rdst, manifest, f"{side_name} {key} upload")
             else:
                 _check_file(rdst, size, digest, f"{side_name} {key} upload")
-            _quiesce()
+            _quiesce(rdst)
             t_down = _run(env=side.env, **make(side, False, str(rdst), str(ldst), tree))
             if tree:
                 _check_tree(ldst, manifest, f"{side_name} {key} download")
