@@ -42,6 +42,7 @@ from .manager import Manager, SessionError
 from .server import Connection, Server
 from .session import Session, State
 from .shells import instance_command_argv, instance_shell_argv, instance_sshd_argv, safe_term
+from .xferlibs import Libraries
 from .xferroute import binds_of, login_spec
 
 #: A bridge stops reading the pty while this much output waits for the administrator.
@@ -70,6 +71,7 @@ class AttachHub:
             server.direct_stream = self.direct_stream
         if manager.config.login_side or manager.config.login_paths:
             server.login_side = self.login_side
+        self.libraries = Libraries()
         server.describers.append(self.describe)
         server.refreshers.append(agents.refresh)
 
@@ -145,6 +147,8 @@ class AttachHub:
         self.log.info("command_routed", user=user.name, project=project, profile=chosen.name,
                       where="login" if local is not None else "allocation",
                       program=os.path.basename(local["argv"][0]) if local else "")
+        if local is not None and (libraries := self.libraries.get(local["argv"][0])) is not None:
+            local["libraries"] = libraries
         return local
 
     def _record(self, event: str, session: Session, conn: Connection, mode: str) -> None:

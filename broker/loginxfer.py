@@ -32,10 +32,15 @@ LIST_TIMEOUT = 10.0
 
 def libraries(binary: str) -> list[str]:
     """The shared objects the loader maps for ``binary`` (``LD_TRACE_LOADED_OBJECTS``, what
-    ``ldd`` does for a trusted binary: the loader lists and exits, ``main`` never runs)."""
-    out = _output([binary], {"LD_TRACE_LOADED_OBJECTS": "1"})
+    ``ldd`` does for a trusted binary: the loader lists and exits, ``main`` never runs).
+    Only when the broker sent no list (:mod:`broker.xferlibs` lists each server once)."""
+    return parse_libraries(_output([binary], {"LD_TRACE_LOADED_OBJECTS": "1"}))
+
+
+def parse_libraries(listing: str) -> list[str]:
+    """The paths in the loader's trace, and the NSS modules next to libc."""
     found = []
-    for line in out.splitlines():
+    for line in listing.splitlines():
         words = line.split()
         path = words[2] if len(words) >= 3 and words[1] == "=>" else (words[0] if words else "")
         if path.startswith("/"):
@@ -82,7 +87,8 @@ def _output(argv: list[str], env: dict[str, str]) -> str:
 
 
 def run(spec: dict[str, object]) -> int | None:
-    """Exec the login-side server of ``spec`` (``argv``, ``cwd``, ``trees``); returns only on
+    """Exec the login-side server of ``spec`` (``argv``, ``cwd``, ``trees``, and its
+    ``libraries`` when the broker has listed them); returns only on
     failure: None when it is not installed or this kernel cannot confine it (the caller takes
     the allocation's path), else an exit status after one line on stderr."""
     argv = [str(a) for a in spec["argv"]]  # type: ignore[union-attr]
@@ -94,7 +100,9 @@ def run(spec: dict[str, object]) -> int | None:
         if landlock.abi() < landlock.MIN_ABI:
             return None
         files = [(binary, landlock.EXECUTE | landlock.READ_FILE)]
-        files += [(lib, landlock.EXECUTE | landlock.READ_FILE) for lib in libraries(binary)]
+        listed = spec.get("libraries")
+        libs = [str(lib) for lib in listed] if isinstance(listed, list) else libraries(binary)
+        files += [(lib, landlock.EXECUTE | landlock.READ_FILE) for lib in libs]
         files += [(path, landlock.READ_FILE) for path in SYSTEM_FILES]
         mountview.enter_namespace()  # the last step that may fail and leave this process as it was
     except (landlock.LandlockError, mountview.ViewError, OSError):

@@ -59,11 +59,31 @@ def test_wrapper_as_login_shell_ignores_its_argument_and_the_users_environment(t
                             capture_output=True, text=True, timeout=30)
     assert dump.exists(), f"the wrapper did not run sbroker's python: rc={result.returncode} {result.stderr!r}"
     seen = json.loads(dump.read_text())
-    assert seen["argv"][:2] == ["-I", "-c"]
-    assert seen["argv"][3:] == ["login", "--socket", "/run/sbroker/broker.sock"]
+    assert seen["argv"][:2] == ["-I", "-c"]  # not a venv holding sbroker: site.py finds it
+    assert seen["argv"][3:] == ["", "login", "--socket", "/run/sbroker/broker.sock"]
     assert set(seen["env"]) - {"PWD", "SHLVL", "_", "LC_CTYPE"} <= ALLOWED
     assert seen["env"]["PATH"] == "/usr/local/bin:/usr/bin:/bin"
     assert (seen["env"]["SSH_ORIGINAL_COMMAND"], seen["env"]["SBROKER_PROJECT"]) == ("make -j4", "thesis")
+
+
+def test_wrapper_names_the_venvs_site_packages_and_skips_site_py(tmp_path):
+    """In a venv that holds sbroker, Python starts with ``-S`` (site.py's start-up work is a
+    quarter of the interpreter's) and the code it runs puts that one directory on its path."""
+    venv = tmp_path / "venv"
+    site = venv / "lib" / "python3.11" / "site-packages"
+    (site / "broker").mkdir(parents=True)
+    (venv / "bin").mkdir()
+    copy, dump = _wrapper_with_fake_python(tmp_path)
+    (tmp_path / "python3").rename(venv / "bin" / "python3")
+    copy.write_text(copy.read_text().replace(str(tmp_path / "python3"), str(venv / "bin" / "python3")))
+    subprocess.run(["/bin/sh", str(copy), "-c", "x"], env=HOSTILE_ENV, capture_output=True, timeout=30)
+    argv = json.loads(dump.read_text())["argv"]
+    assert argv[:3] == ["-I", "-S", "-c"]
+    assert argv[4:] == [str(site), "login", "--socket", "/run/sbroker/broker.sock"]
+    code = argv[3].replace("from broker.cli import main; sys.exit(main(sys.argv[1:]))", "print(sys.argv, sys.path[-1])")
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", code, *argv[4:]], capture_output=True, text=True,
+                         timeout=30, check=True).stdout
+    assert out == f"['-c', 'login', '--socket', '/run/sbroker/broker.sock'] {site}\n"
 
 
 class _FakeBroker:
