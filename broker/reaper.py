@@ -253,8 +253,7 @@ class Reaper:
                     continue
                 if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)) or st.st_mtime > cutoff:
                     continue
-                item = {"user": user_dir.name, "path": entry.path, "age_days": round((time.time() - st.st_mtime)
-                                                                                     / 86400, 1)}
+                item = {"user": user_dir.name, "path": entry.path, "age_days": _age_days(st.st_mtime, time.time())}
                 report["old_job_files"].append(item)
                 if dry_run:
                     continue
@@ -274,15 +273,21 @@ class Reaper:
                 directory = jobspec.job_dir(self.config, owner)
             except (UnknownUser, ValueError):
                 continue
-            old = [path for path, instance, mtime in await anyio.to_thread.run_sync(_job_logs, owner, directory)
+            now = time.time()
+            old = [(path, mtime) for path, instance, mtime in await anyio.to_thread.run_sync(_job_logs, owner, directory)
                    if mtime < cutoff and instance not in keep]
-            for path in old:
-                report["old_job_files"].append({"user": name, "path": str(path)})
+            for path, mtime in old:
+                report["old_job_files"].append({"user": name, "path": str(path), "age_days": _age_days(mtime, now)})
             if old and not dry_run:
                 try:
-                    await self.manager.runner.run(["rm", "-f", "--", *map(str, old)], user=owner)
+                    await self.manager.runner.run(["rm", "-f", "--", *(str(path) for path, _ in old)], user=owner)
                 except SlurmError as exc:
                     report["errors"].append(f"{directory}: {exc.reason}")
+
+
+def _age_days(mtime: float, now: float) -> float:
+    """Every reported job file carries its age (``sbroker reap`` prints it)."""
+    return round((now - mtime) / 86400, 1)
 
 
 def _active_instances(manager: Any, jobs: dict[str, JobInfo]) -> set[str]:

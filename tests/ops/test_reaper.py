@@ -62,12 +62,29 @@ def _make_job_files() -> tuple[list[Path], list[Path]]:
     return old, fresh
 
 
+def _make_home_logs() -> tuple[list[Path], list[Path]]:
+    """Job logs in alice's own job dir (``slurm.job_dir``): one past the retention, one not.
+    Logs that earlier runs on this machine left there and that are past the retention, or
+    within an hour of it (they would cross it while this module runs), are removed first:
+    this module's world is what it made."""
+    jobs = Path(f"/home/{ALICE}/.sbroker/jobs")
+    for path in jobs.glob("sb-*.log"):
+        if path.stat().st_mtime < time.time() - 86400 + 3600:
+            path.unlink()
+    old, fresh = jobs / "sb-sbalice-gone-000003.log", jobs / "sb-sbalice-recent-000004.log"
+    subprocess.run(tb.as_user(ALICE, "sh", "-c", f"mkdir -p {jobs} && echo x > {old} && echo x > {fresh} && "
+                              f"touch -d '30 days ago' {old}"), check=True, cwd="/")
+    return [old], [fresh]
+
+
 @pytest.fixture(scope="module")
 def leftovers(start_broker):
     start_broker("[reaper]\ninterval = 0\nretention = 86400\n", timeouts_start=START_TIMEOUT)
     job_id = _submit_orphan()
     ghost, keeper = _make_ghost_and_keeper()
     old, fresh = _make_job_files()
+    home_old, home_fresh = _make_home_logs()
+    old, fresh = old + home_old, fresh + home_fresh
     wait_for(lambda: [j for j in jobs_of(ALICE) if j["job_id"] == job_id and j["state"] == "RUNNING"], 30,
              "the orphan job to run")
     time.sleep(START_TIMEOUT + 1.5)
@@ -89,7 +106,9 @@ def test_dry_run_reports_and_removes_nothing(leftovers):
 
 def test_reap_removes_leftovers_keeps_the_rest_and_reports(leftovers):
     result = sbroker(tb.ADMIN, "reap")
-    assert re.search(r"reap: 1 orphan jobs, \d+ stale instance dirs, 2 old job files", result.stdout), result.stdout
+    assert re.search(r"reap: 1 orphan jobs, \d+ stale instance dirs, 3 old job files", result.stdout), result.stdout
+    for path in leftovers["old"]:  # each with its age, wherever it was
+        assert re.search(rf"old job file {re.escape(str(path))} \(30\.0 days\): removed", result.stdout), result.stdout
     assert f"orphan job {leftovers['job_id']}" in result.stdout
     wait_for(lambda: not jobs_of(ALICE), 30, "the orphan job to be cancelled")
     assert not leftovers["ghost"].exists()
@@ -98,7 +117,7 @@ def test_reap_removes_leftovers_keeps_the_rest_and_reports(leftovers):
     assert all(p.exists() for p in leftovers["fresh"])
     reaps = [e for e in audit_entries() if e["event"] == "reap" and not e["dry_run"]]
     assert reaps and reaps[-1]["orphan_jobs"] == 1 and reaps[-1]["jobs"] == [leftovers["job_id"]]
-    assert str(leftovers["ghost"]) in reaps[-1]["instances"] and reaps[-1]["old_job_files"] == 2
+    assert str(leftovers["ghost"]) in reaps[-1]["instances"] and reaps[-1]["old_job_files"] == 3
     kill = [e for e in audit_entries() if e["event"] == "kill" and e.get("job_id") == leftovers["job_id"]]
     assert kill and kill[0]["by"] == "sbroker"
     # A second pass finds nothing.
