@@ -21,8 +21,6 @@ ended) cannot pass as the user's session. Root never reads or writes it.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 
 #: Under the home: the same path on the login node and in the container (the home is bound).
 HOST_KEY = ".sbroker/ssh/ssh_host_ed25519_key"
@@ -52,6 +50,8 @@ def ensure_host_key(home: str) -> str:
     """
     key = host_key_path(home)
     if not os.path.exists(key):
+        import subprocess  # first use only: ``subprocess`` costs every ``ssh session`` ~10 ms of imports
+
         try:
             os.makedirs(os.path.dirname(key), mode=0o700, exist_ok=True)
         except OSError as exc:
@@ -105,6 +105,8 @@ Host {alias}
 def ssh_config(home: str, user: str, project: str | None, args: list[str], out, profile: str | None = None) -> int:
     """``sbroker ssh-config``: print the client entry (``@project:profile`` as it was asked for,
     so the endpoint starts the session the same way); create the host key if needed."""
+    import socket  # ``ssh-config`` only, not the ProxyCommand's path
+
     alias, login, i = "", socket.getfqdn(), 0
     while i < len(args):
         if args[i] in ("-h", "--help"):

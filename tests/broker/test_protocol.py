@@ -130,11 +130,13 @@ def test_dumps_refuses_what_is_not_plain_data(value):
 
 def test_login_path_does_not_import_json_re_or_enum():
     """What every SSH login imports (measured in docs/benchmarks.md): the login client, its
-    transfer and direct-stream paths never load ``json``, ``re`` or ``enum`` (9-14 ms)."""
+    transfer, direct-stream and SSH-endpoint (``sbroker ssh-proxy``) paths never load ``json``,
+    ``re`` or ``enum`` (9-14 ms), nor ``subprocess`` or ``socket`` (~10 ms more)."""
     import subprocess
     import sys
 
     code = ("import sys; from broker.cli import main; import broker.login, broker.client, broker.direct, "
-            "broker.loginxfer; print(sorted({'json', 're', 'enum', 'signal', 'typing'} & set(sys.modules)))")
+            "broker.loginxfer, broker.sshendpoint; "
+            "print(sorted({'json', 're', 'enum', 'signal', 'typing', 'subprocess', 'socket'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
