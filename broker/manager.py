@@ -705,6 +705,10 @@ class Manager:
                                               f" {detail}") from None
 
     def _fail(self, session: Session, reason: str) -> None:
+        """Fail ``session``; one that has already ended or failed keeps its first reason (the
+        poller then sees the job it cancelled as "cancelled" or "completing", which says less)."""
+        if session.state in TERMINAL:
+            return
         self.transition(session, State.FAILED, reason)
 
     async def _await_ended(self, session: Session,
@@ -802,8 +806,10 @@ class Manager:
             self.time_to_ready.append(session.ready_at - session.submitted_at)
 
     async def _cancel_failed(self, session: Session, reason: str) -> None:
-        await self._scancel(session)
+        """Fail ``session`` for ``reason``, then cancel its job: failed first, so a poll that
+        sees the job end while ``scancel`` runs cannot put its own reason before this one."""
         self._fail(session, reason)
+        await self._scancel(session)
 
     async def _cancel_job(self, job_id: str, owner: User) -> None:
         """``scancel`` a job that no session tracks any more, as its owner."""
@@ -818,7 +824,8 @@ class Manager:
     async def _scancel(self, session: Session) -> None:
         if not session.job_id:
             return
-        self._cancel_sent[session.job_id] = time.time()
+        if session.state not in TERMINAL:  # the poller retries cancels of sessions it still tracks
+            self._cancel_sent[session.job_id] = time.time()
         owner = self._owner(session)
         if owner is None or owner.uid != session.uid or owner.uid < self.config.min_uid:
             self.log.error("scancel_refused", session=session.id, job_id=session.job_id,

@@ -94,6 +94,25 @@ def test_launch_failure_names_the_job_dir_as_the_probable_cause(manager, tmp_pat
                         " the job's output there)")
 
 
+async def test_a_session_failed_for_a_reason_keeps_it_when_the_poller_sees_its_job_end(manager, monkeypatch):
+    """The broker fails a session for a reason it found (a node-local job dir, a start
+    timeout) and cancels its job; the next poll sees that job "completing" or "cancelled".
+    The user must read the first reason, and the failure is counted and audited once."""
+    s = tracked(manager, State.STARTING)
+    cancelled = []
+
+    async def scancel(session):
+        cancelled.append(session.job_id)
+        manager.apply(session, info("COMPLETING"), 100.0)  # a poll lands while scancel runs
+
+    monkeypatch.setattr(manager, "_scancel", scancel)
+    await manager._cancel_failed(s, "slurm.job_dir (/tmp) is node-local")
+    manager.apply(s, info("CANCELLED"), 101.0)
+    assert cancelled == ["7"]
+    assert (s.state, s.reason) == (State.FAILED, "slurm.job_dir (/tmp) is node-local")
+    assert sum(manager.failures.values()) == 1
+
+
 def test_timeout_and_cancelled_ready_session_end(manager):
     s = tracked(manager, State.READY)
     manager.apply(s, info("TIMEOUT", "TimeLimit"), 100.0)
